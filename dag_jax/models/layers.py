@@ -1,0 +1,278 @@
+"""Building blocks shared by the UNet, the VAE and the flow network (NHWC inside).
+
+Parameter names follow diffusers' legacy Flax port (``resnets_0/conv1/kernel``) so that
+``weights/convert.py`` maps them to PyTorch keys by rule; numerics follow diffusers' PyTorch
+modules (exact GELU in GEGLU, GroupNorm without fast variance, softmax in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Return the (B, dim) fp32 sinusoidal embedding of timesteps, as diffusers' Timesteps."""
+    timesteps = jnp.asarray(timesteps, jnp.float32).reshape(-1)
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+    """Return a GroupNorm that matches torch.nn.GroupNorm (two-pass variance)."""
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name
+    )
+
+
+def activation(name: str):
+    """Return the activation function a diffusers/transformers config names."""
+    table = {
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": nn.relu,
+        "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(table)}")
+    return table[name]
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoidal embedding (``linear_1``, act, ``linear_2``)."""
+
+    dim: int
+    act_fn: str = "silu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> jax.Array:
+        emb = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(emb)
+        emb = activation(self.act_fn)(emb)
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(emb)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ResnetBlock2D: norm-act-conv twice, optional timestep shift, 1x1 shortcut."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    use_temb: bool = True
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        act = activation(self.act_fn)
+        h = act(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
+        if self.use_temb:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))
+            h = h + t[:, None, None, :]
+        h = act(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv; ``padding=0`` is the VAE's asymmetric (0, 1) zero pad."""
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            pad = "VALID"
+        else:
+            pad = self.padding
+        return nn.Conv(
+            self.out_channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, name="conv"
+        )(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool = True
+) -> jax.Array:
+    """Return softmax(q kᵀ/√d) v over heads for (B, Lq, H·D), (B, Lk, H·D) inputs.
+
+    Scores are formed in fp32 when ``upcast`` (diffusers' ``upcast_attention``) and the softmax
+    always runs in fp32; the result is cast back to q's dtype.
+    """
+    b, lq, inner = q.shape
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d)
+    k = k.reshape(b, k.shape[1], heads, d)
+    v = v.reshape(b, v.shape[1], heads, d)
+    if upcast:
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d**-0.5)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(b, lq, inner)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' names ``to_q``, ``to_k``, ``to_v``, ``to_out_0``."""
+
+    query_dim: int
+    heads: int
+    dim_head: int
+    qkv_bias: bool = False
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        inner = self.heads * self.dim_head
+        context = x if context is None else context
+        q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+        k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+        v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+        out = dot_product_attention(q, k, v, self.heads, self.upcast)
+        return nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2·inner, then value · exact-GELU(gate) (diffusers GEGLU)."""
+
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.inner_dim * 2, dtype=self.dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: ``net_0`` (GEGLU) then ``net_2`` (Linear)."""
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm + residual."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        def ln(name):
+            return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)
+
+        attn = dict(
+            query_dim=self.dim,
+            heads=self.heads,
+            dim_head=self.dim_head,
+            upcast=self.upcast_attention,
+            dtype=self.dtype,
+        )
+        h = ln("norm1")(x)
+        x = x + Attention(**attn, name="attn1")(h, context if self.only_cross_attention else None)
+        x = x + Attention(**attn, name="attn2")(ln("norm2")(x), context)
+        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm (eps 1e-6), proj_in (1x1 conv or linear), blocks, proj_out, residual."""
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        x = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
+        if self.use_linear_projection:
+            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+        else:
+            x = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
+        for i in range(self.num_layers):
+            x = BasicTransformerBlock(
+                inner,
+                self.heads,
+                self.dim_head,
+                only_cross_attention=self.only_cross_attention,
+                upcast_attention=self.upcast_attention,
+                dtype=self.dtype,
+                name=f"transformer_blocks_{i}",
+            )(x, context)
+        if self.use_linear_projection:
+            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+        else:
+            x = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, inner))
+        return x + residual
+
+
+def as_tuple(value, n: int, what: str) -> tuple:
+    """Return ``value`` repeated n times if scalar, else checked to have length n."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} entries, expected {n} (one per block)")
+        return tuple(value)
+    return (value,) * n

@@ -1,0 +1,45 @@
+"""dag_jax: GFlowNet (DAG) and RL (DDPO, B²-DiffuRL) alignment of Stable Diffusion in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dag_jax",
+    version="0.1.0",
+    description=(
+        "Post-train text-to-image diffusion models (Stable Diffusion 1.x/2.x) to a black-box "
+        "reward with DAG-DB, DAG-KL, DDPO and B²-DiffuRL, in JAX/Flax."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dag_jax", "dag_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "jaxlib>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "clu>=0.0.12",
+        "absl-py>=2.0",
+        "safetensors>=0.4.3",
+        "transformers>=4.40",
+        "huggingface_hub>=0.23",
+        "pillow>=10.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # PyTorch oracles for the tests. Install torch==2.14.1 and torchvision==0.29.1 first
+        # (see README / .ci/run) so pip never resolves another torch build.
+        "test": [
+            "pytest>=8.0",
+            "torch>=2.4",
+            "diffusers>=0.30",
+            "transformers>=4.40",
+            "peft>=0.11",
+            "ruff>=0.6",
+        ],
+        "tensorboard": ["tensorboardX>=2.6"],
+    },
+)

@@ -1,0 +1,37 @@
+"""Session-wide tiny models: built once with the PyTorch oracles, saved in diffusers layout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import tiny_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def torch_sd1(tmp_path_factory):
+    """Return (diffusers pipeline, its saved folder) for the tiny SD1-style model."""
+    root = tmp_path_factory.mktemp("sd1")
+    pipe = tiny_world.build_torch_pipeline(root, tiny_world.SD1_UNET)
+    return pipe, tiny_world.save_torch_pipeline(pipe, root / "model")
+
+
+@pytest.fixture(scope="session")
+def torch_sd2(tmp_path_factory):
+    """Return (diffusers pipeline, its saved folder) for the tiny SD2-style model."""
+    root = tmp_path_factory.mktemp("sd2")
+    pipe = tiny_world.build_torch_pipeline(root, tiny_world.SD2_UNET, seed=5)
+    return pipe, tiny_world.save_torch_pipeline(pipe, root / "model")
+
+
+@pytest.fixture(scope="session")
+def sd1(torch_sd1):
+    """Return the tiny SD1 model loaded through dag_jax.load_pipeline."""
+    import dag_jax
+
+    return dag_jax.load_pipeline(torch_sd1[1])
