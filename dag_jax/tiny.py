@@ -10,8 +10,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 UNET_CONFIG = {
@@ -153,16 +153,17 @@ def random_tiny_pipeline(seed: int = 0, dtype: jnp.dtype = jnp.float32):
         "vae": vae_shapes(vae),
         "text_encoder": text_encoder_shapes(text_encoder),
     }
-    key = jax.random.PRNGKey(seed)
+    rng = np.random.default_rng(seed)
     params = {}
-    for i, (part, tree) in enumerate(shapes.items()):
+    for part, tree in shapes.items():
         flat = traverse_util.flatten_dict(tree)
-        sub = jax.random.fold_in(key, i)
         params[part] = traverse_util.unflatten_dict(
             {
-                path: 0.05 * jax.random.normal(jax.random.fold_in(sub, j), spec.shape)
-                + (1.0 if path[-1] == "scale" else 0.0)
-                for j, (path, spec) in enumerate(sorted(flat.items()))
+                path: (
+                    0.05 * rng.standard_normal(spec.shape, dtype=np.float32)
+                    + (1.0 if path[-1] == "scale" else 0.0)
+                )
+                for path, spec in sorted(flat.items())
             }
         )
     return Pipeline(

@@ -1,0 +1,121 @@
+"""The PyTorch reference for ``dag_jax.bench``: a plain eager diffusers sampling loop.
+
+Imported only when torch and diffusers are installed (the core install has neither). It is the
+baseline a PyTorch user would write (DDPO-style): diffusers ``UNet2DConditionModel`` in eager
+mode, ``torch.no_grad``, fp32, CFG on the concatenated [uncond; cond] batch, and the DDIM-with-η
+step and Gaussian log-prob of SPEC §2 in torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def pick_device() -> torch.device:
+    """Return CUDA when torch sees a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """Return a human-readable name of the torch device (GPU name, or cpu with its threads)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_unet(config: Mapping, seed: int, device: torch.device) -> UNet2DConditionModel:
+    """Return an eval-mode fp32 diffusers UNet with random weights (zero biases given noise)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():  # zero-initialised tensors would hide conversion errors
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return unet.to(device=device, dtype=torch.float32).eval()
+
+
+def state_dict_numpy(unet: UNet2DConditionModel) -> dict[str, np.ndarray]:
+    """Return the UNet's state dict as host numpy arrays (PyTorch names and layouts)."""
+    return {k: v.detach().cpu().numpy() for k, v in unet.state_dict().items()}
+
+
+def guided_eps(
+    unet: UNet2DConditionModel,
+    x: torch.Tensor,  # (B, C, H, W) fp32
+    t: torch.Tensor,  # () int
+    context: torch.Tensor,  # (B, L, D)
+    uncond: torch.Tensor,  # (B, L, D)
+    guidance: float,
+) -> torch.Tensor:
+    """Return ε̃ = ε(∅) + w·(ε(c) − ε(∅)) from one UNet call on the [uncond; cond] batch."""
+    b = x.shape[0]
+    out = unet(
+        torch.cat([x, x]), t.expand(2 * b), encoder_hidden_states=torch.cat([uncond, context])
+    ).sample
+    e_u, e_c = out[:b], out[b:]
+    return e_u + guidance * (e_c - e_u)
+
+
+def ddim_step_logprob(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_t: torch.Tensor,
+    alpha_s: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_s, (B,) mean-reduced log N(x_s; μ, σ²I)) of one DDIM step with η (ε-prediction)."""
+    x0 = (x_t - torch.sqrt(1 - alpha_t) * eps) / torch.sqrt(alpha_t)
+    var = (1 - alpha_s) / (1 - alpha_t) * (1 - alpha_t / alpha_s)
+    sigma = eta * torch.sqrt(torch.clamp(var, min=0.0))
+    mean = torch.sqrt(alpha_s) * x0 + torch.sqrt(torch.clamp(1 - alpha_s - sigma**2, min=0.0)) * eps
+    x_s = mean + sigma * noise
+    logp = -((x_s - mean) ** 2) / (2 * sigma**2) - torch.log(sigma) - _HALF_LOG_2PI
+    return x_s, logp.mean(dim=tuple(range(1, x_t.ndim)))
+
+
+@torch.no_grad()
+def rollout(
+    unet: UNet2DConditionModel,
+    x: torch.Tensor,  # (B, C, H, W) fp32 initial latents
+    context: torch.Tensor,  # (B, L, D)
+    uncond: torch.Tensor,  # (B, L, D)
+    timesteps: np.ndarray,  # (K,) int
+    alpha_t: np.ndarray,  # (K,) fp32
+    alpha_s: np.ndarray,  # (K,) fp32
+    generator: torch.Generator,
+    *,
+    guidance: float,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (latents (B, K+1, ...), log-probs (B, K), guided ε (B, K, ...)) of a rollout.
+
+    Stores the same per-step outputs as ``dag_jax.diffusion.sampler.rollout``.
+    """
+    dev = x.device
+    states, logps, epss = [x], [], []
+    for i, t in enumerate(timesteps):
+        a_t = torch.tensor(alpha_t[i], dtype=torch.float32, device=dev)
+        a_s = torch.tensor(alpha_s[i], dtype=torch.float32, device=dev)
+        t = torch.tensor(int(t), device=dev)
+        eps = guided_eps(unet, x, t, context, uncond, guidance)
+        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        x, logp = ddim_step_logprob(x, eps, a_t, a_s, eta, noise)
+        states.append(x)
+        logps.append(logp)
+        epss.append(eps)
+    return torch.stack(states, 1), torch.stack(logps, 1), torch.stack(epss, 1)
