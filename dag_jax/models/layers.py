@@ -156,24 +156,37 @@ def dot_product_attention(
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' names ``to_q``, ``to_k``, ``to_v``, ``to_out_0``."""
+    """Multi-head attention with diffusers' names ``to_q``, ``to_k``, ``to_v``, ``to_out_0``.
+
+    A projection with an entry ``{"A": (in, r), "B": (r, out)}`` in the ``lora`` variable
+    collection adds ``lora_scale · (x A) B`` to its output (see models/lora.py).
+    """
 
     query_dim: int
     heads: int
     dim_head: int
     qkv_bias: bool = False
     upcast: bool = False
+    lora_scale: float = 1.0
     dtype: Dtype = jnp.float32
+
+    def _proj(self, name: str, features: int, x: jax.Array, bias: bool) -> jax.Array:
+        y = nn.Dense(features, use_bias=bias, dtype=self.dtype, name=name)(x)
+        if self.has_variable("lora", name):
+            ab = self.get_variable("lora", name)
+            a, b = ab["A"].astype(self.dtype), ab["B"].astype(self.dtype)
+            y = y + self.lora_scale * ((x.astype(self.dtype) @ a) @ b)
+        return y
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         inner = self.heads * self.dim_head
         context = x if context is None else context
-        q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+        q = self._proj("to_q", inner, x, self.qkv_bias)
+        k = self._proj("to_k", inner, context, self.qkv_bias)
+        v = self._proj("to_v", inner, context, self.qkv_bias)
         out = dot_product_attention(q, k, v, self.heads, self.upcast)
-        return nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
+        return self._proj("to_out_0", self.query_dim, out, True)
 
 
 class GEGLU(nn.Module):
@@ -210,6 +223,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     only_cross_attention: bool = False
     upcast_attention: bool = False
+    lora_scale: float = 1.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -222,6 +236,7 @@ class BasicTransformerBlock(nn.Module):
             heads=self.heads,
             dim_head=self.dim_head,
             upcast=self.upcast_attention,
+            lora_scale=self.lora_scale,
             dtype=self.dtype,
         )
         h = ln("norm1")(x)
@@ -240,6 +255,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
+    lora_scale: float = 1.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -259,6 +275,7 @@ class Transformer2DModel(nn.Module):
                 self.dim_head,
                 only_cross_attention=self.only_cross_attention,
                 upcast_attention=self.upcast_attention,
+                lora_scale=self.lora_scale,
                 dtype=self.dtype,
                 name=f"transformer_blocks_{i}",
             )(x, context)

@@ -208,11 +208,14 @@ class UNet2DConditionModel(nn.Module):
     """SD UNet: ε (or v) prediction from NCHW latents, timesteps and text context.
 
     ``remat`` wraps each down, mid and up block in ``nn.remat`` (gradient checkpointing).
+    A ``lora`` variable collection (models/lora.py) adapts the attention projections, scaled
+    by ``lora_scale`` (α/r).
     """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(
@@ -270,6 +273,7 @@ class UNet2DConditionModel(nn.Module):
                 use_linear_projection=cfg.use_linear_projection,
                 only_cross_attention=only_cross[i],
                 upcast_attention=cfg.upcast_attention,
+                lora_scale=self.lora_scale,
                 dtype=self.dtype,
             )
 
