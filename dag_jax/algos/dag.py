@@ -1,0 +1,193 @@
+"""DAG-DB and DAG-KL: detailed balance with a forward-looking flow (SPEC §4–5).
+
+log F(x_t) = F̃_φ(x_t, t, c) + β_e·r(x̂₀^cond(x_t)); at the terminal state log F(x_0) = β_e·r(x_0).
+Per transition Δ = log F(x_t) + log p_θ(x_s|x_t) − log P_B(x_t|x_s) − log F(x_s).
+Rewards are constants computed before the loss, once per *state* (``forward_looking_rewards``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dag_jax.algos.ddpo import ppo_surrogate
+from dag_jax.algos.transitions import Transitions, policy_terms, proximal_penalty
+from dag_jax.diffusion import ddim
+
+FlowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def annealed_beta(beta: float, epoch: int, num_epochs: int, anneal_fraction: float = 0.5) -> float:
+    """Return β_e = β·min(1, e / (E·fraction)) (release: 0 at epoch 0, β from E/2 on)."""
+    horizon = num_epochs * anneal_fraction
+    if horizon <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, epoch / horizon)
+
+
+def forward_looking_rewards(
+    eps_fn: Callable,
+    params,
+    latents: jax.Array,
+    timesteps: jax.Array,
+    alpha_t: jax.Array,
+    context: jax.Array,
+    score_fn: Callable[[jax.Array], jax.Array],
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """Return (B, K+1) rewards, one per state: r(x̂₀^cond(x_k)) for k < K and r(x_K) at the end.
+
+    ``latents`` (B, K+1, *x) are the states of a trajectory (``Trajectory.latents``), with
+    ``timesteps``/``alpha_t`` (K,) those of its K steps; x̂₀ uses the conditional branch only
+    (no CFG) under stop_gradient; ``score_fn`` maps (N, *x) clean latents to (N,) rewards.
+    """
+    b, k1 = latents.shape[:2]
+    k = k1 - 1
+
+    def predicted_x0(step):
+        x = latents[:, step]
+        out = eps_fn(params, x, jnp.broadcast_to(timesteps[step], (b,)), context)
+        x0, _ = ddim.split_prediction(x, out.astype(jnp.float32), alpha_t[step], prediction_type)
+        return x0
+
+    x0s = jax.lax.map(predicted_x0, jnp.arange(k))  # (K, B, *x)
+    x0s = jnp.concatenate([x0s, latents[:, -1][None]], axis=0)
+    x0s = jax.lax.stop_gradient(x0s)
+    rewards = jax.lax.map(score_fn, x0s)  # (K+1, B)
+    return jnp.moveaxis(rewards, 0, 1).astype(jnp.float32)
+
+
+def log_flows(
+    flow_fn: FlowFn, flow_params, batch: Transitions, beta: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Return (log F(x_t), log F(x_s)), each (B,) fp32, with one flow call on [x_t; x_s]."""
+    b = batch.size
+    f = flow_fn(
+        flow_params,
+        jnp.concatenate([batch.x_t, batch.x_s]),
+        jnp.concatenate([batch.t, batch.s]),
+        jnp.concatenate([batch.context, batch.context]),
+    ).astype(jnp.float32)
+    log_f_t = f[:b] + beta * batch.reward_t
+    log_f_s = jnp.where(batch.terminal, 0.0, f[b:]) + beta * batch.reward_s
+    return log_f_t, log_f_s
+
+
+def _terms(eps_fn, flow_fn, params, batch, uncond, beta, **policy):
+    reduction = policy["reduction"]
+    log_p, eps = policy_terms(eps_fn, params["policy"], batch, uncond, **policy)
+    log_pb = ddim.backward_logprob(batch.x_t, batch.x_s, batch.alpha_t, batch.alpha_s, reduction)
+    log_f_t, log_f_s = log_flows(flow_fn, params["flow"], batch, beta)
+    reg = proximal_penalty(eps, batch.eps)
+    return log_p, log_pb, log_f_t, log_f_s, reg
+
+
+def db_loss(
+    eps_fn: Callable,
+    flow_fn: FlowFn,
+    params: dict,
+    batch: Transitions,
+    uncond: jax.Array | None,
+    beta: float | jax.Array,
+    *,
+    guidance: float,
+    eta: float = 1.0,
+    prediction_type: str = "epsilon",
+    reduction: str = "mean",
+    reg_coef: float = 1.0,
+) -> tuple[jax.Array, dict]:
+    """Return (mean of Δ² + λ_reg·reg, metrics); ``params`` = {"policy": …, "flow": …}."""
+    log_p, log_pb, log_f_t, log_f_s, reg = _terms(
+        eps_fn,
+        flow_fn,
+        params,
+        batch,
+        uncond,
+        beta,
+        guidance=guidance,
+        eta=eta,
+        prediction_type=prediction_type,
+        reduction=reduction,
+    )
+    delta = log_f_t + log_p - log_pb - log_f_s
+    loss = jnp.mean(delta**2 + reg_coef * reg)
+    return loss, {
+        "loss": loss,
+        "db_residual_sq": jnp.mean(delta**2),
+        "db_residual_abs": jnp.mean(jnp.abs(delta)),
+        "log_prob": jnp.mean(log_p),
+        "log_flow": jnp.mean(log_f_t),
+        "proximal": jnp.mean(reg),
+    }
+
+
+def leave_one_out_advantages(signal: jax.Array, group: int, clip: float = 5.0) -> jax.Array:
+    """Return RLOO-normalised advantages over consecutive groups of ``group`` values (SPEC §5).
+
+    m_i = (Σ_j b_j − b_i)/(n−1), u_i = b_i − m_i, v_i = (Σ_j u_j² − u_i²)/(n−1),
+    A_i = clip(u_i / (√v_i + 1e-8), ±clip).
+    """
+    n = group
+    if n < 2 or signal.shape[0] % n:
+        raise ValueError(f"baseline_group must be ≥ 2 and divide the batch {signal.shape[0]}")
+    b = signal.reshape(-1, n)
+    m = (jnp.sum(b, axis=1, keepdims=True) - b) / (n - 1)
+    u = b - m
+    v = (jnp.sum(u**2, axis=1, keepdims=True) - u**2) / (n - 1)
+    adv = jnp.clip(u / (jnp.sqrt(jnp.maximum(v, 0.0)) + 1e-8), -clip, clip)
+    return adv.reshape(signal.shape)
+
+
+def kl_loss(
+    eps_fn: Callable,
+    flow_fn: FlowFn,
+    params: dict,
+    batch: Transitions,
+    uncond: jax.Array | None,
+    beta: float | jax.Array,
+    *,
+    guidance: float,
+    eta: float = 1.0,
+    prediction_type: str = "epsilon",
+    reduction: str = "mean",
+    reg_coef: float = 1.0,
+    kl_coef: float = 1.0,
+    clip_range: float = 1e-4,
+    adv_clip: float = 5.0,
+    baseline_group: int = 8,
+) -> tuple[jax.Array, dict]:
+    """Return (L_flow + κ·L_kl + λ_reg·reg, metrics): flow by DB with sg[log p], θ by REINFORCE.
+
+    The per-transition signal is b = sg[log F(x_s) + log P_B − log p_θ − log F(x_t)] (= −Δ),
+    made into leave-one-out advantages over groups of ``baseline_group`` consecutive rows.
+    """
+    log_p, log_pb, log_f_t, log_f_s, reg = _terms(
+        eps_fn,
+        flow_fn,
+        params,
+        batch,
+        uncond,
+        beta,
+        guidance=guidance,
+        eta=eta,
+        prediction_type=prediction_type,
+        reduction=reduction,
+    )
+    sg = jax.lax.stop_gradient
+    flow_residual = log_f_t + sg(log_p) - log_pb - log_f_s
+    signal = sg(log_f_s + log_pb - log_p - log_f_t)
+    advantage = leave_one_out_advantages(signal, baseline_group, adv_clip)
+    surrogate, ppo_metrics = ppo_surrogate(log_p, batch.log_prob, advantage, clip_range)
+    loss = jnp.mean(flow_residual**2 + kl_coef * surrogate + reg_coef * reg)
+    return loss, {
+        "loss": loss,
+        "db_residual_sq": jnp.mean(flow_residual**2),
+        "kl_surrogate": jnp.mean(surrogate),
+        "signal_mean": jnp.mean(signal),
+        "log_prob": jnp.mean(log_p),
+        "log_flow": jnp.mean(log_f_t),
+        "proximal": jnp.mean(reg),
+        **ppo_metrics,
+    }

@@ -1,0 +1,113 @@
+"""A batch of stored denoising transitions x_t → x_s, and the policy quantities recomputed on it.
+
+Every objective trains on transitions cut from sampled trajectories. Everything stored is fp32
+(SPEC §2: bf16 storage breaks PPO ratios at the last steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dag_jax.diffusion import ddim
+from dag_jax.diffusion.sampler import Trajectory, guided_eps
+from dag_jax.diffusion.schedule import Schedule
+
+
+@flax.struct.dataclass
+class Transitions:
+    """B transitions; per-sample fields have leading dim B, latents are (B, *x) fp32."""
+
+    x_t: jax.Array  # (B, *x) state before the step
+    x_s: jax.Array  # (B, *x) sampled next state
+    t: jax.Array  # (B,) int32 timestep of x_t
+    s: jax.Array  # (B,) int32 timestep of x_s (clamped at 0)
+    alpha_t: jax.Array  # (B,) ᾱ_t
+    alpha_s: jax.Array  # (B,) ᾱ_s
+    terminal: jax.Array  # (B,) bool, x_s is the final image latent
+    log_prob: jax.Array  # (B,) log p_old(x_s | x_t) stored at sampling
+    eps: jax.Array  # (B, *x) guided ε̃_old(x_t) stored at sampling
+    context: jax.Array  # (B, L, D) prompt embeddings
+    prompt: jax.Array  # (B,) int32 prompt index
+    advantage: jax.Array  # (B,) fp32 (DDPO / B²; zeros otherwise)
+    reward_t: jax.Array  # (B,) fp32 forward-looking reward of x_t (DAG; zeros otherwise)
+    reward_s: jax.Array  # (B,) fp32 forward-looking reward of x_s, r(x_0) when terminal
+
+    @property
+    def size(self) -> int:
+        """Return the number of transitions B."""
+        return self.x_t.shape[0]
+
+
+def from_trajectory(
+    traj: Trajectory,
+    schedule: Schedule,
+    prompt: jax.Array,
+    advantage: jax.Array | None = None,
+    state_rewards: jax.Array | None = None,
+) -> Transitions:
+    """Return the B·K transitions of a (B, K)-step trajectory batch, row b·K + k = step k of b.
+
+    ``advantage`` is per trajectory (B,); ``state_rewards`` (B, K+1) holds one forward-looking
+    reward per state (the last one r(x_0)), so each state's reward is computed once and shared
+    by the two transitions that touch it.
+    """
+    b, k = traj.log_probs.shape
+    steps = traj.start + jnp.arange(k)
+    flat = lambda a: a.reshape((b * k,) + a.shape[2:])
+    per_step = lambda a: jnp.tile(a, b)
+    per_traj = lambda a: jnp.repeat(a, k, axis=0)
+    zeros = jnp.zeros((b * k,), jnp.float32)
+    if state_rewards is None:
+        reward_t = reward_s = zeros
+    else:
+        reward_t, reward_s = flat(state_rewards[:, :-1]), flat(state_rewards[:, 1:])
+    return Transitions(
+        x_t=flat(traj.latents[:, :-1]),
+        x_s=flat(traj.latents[:, 1:]),
+        t=per_step(schedule.timesteps[steps]),
+        s=per_step(schedule.prev_timesteps[steps]),
+        alpha_t=per_step(schedule.alpha_t[steps]),
+        alpha_s=per_step(schedule.alpha_s[steps]),
+        terminal=per_step(steps == schedule.num_steps - 1),
+        log_prob=flat(traj.log_probs),
+        eps=flat(traj.eps),
+        context=per_traj(traj.context),
+        prompt=per_traj(jnp.asarray(prompt, jnp.int32)),
+        advantage=zeros if advantage is None else per_traj(jnp.asarray(advantage, jnp.float32)),
+        reward_t=reward_t,
+        reward_s=reward_s,
+    )
+
+
+def take(batch: Transitions, index: jax.Array) -> Transitions:
+    """Return the transitions at ``index`` (a permutation or a subset), all fields alike."""
+    return jax.tree_util.tree_map(lambda a: a[index], batch)
+
+
+def policy_terms(
+    eps_fn: Callable,
+    params,
+    batch: Transitions,
+    uncond: jax.Array | None,
+    *,
+    guidance: float,
+    eta: float,
+    prediction_type: str = "epsilon",
+    reduction: str = "mean",
+) -> tuple[jax.Array, jax.Array]:
+    """Return (log p_θ(x_s | x_t) (B,), guided ε̃_θ(x_t) (B, *x)) under the current params."""
+    eps = guided_eps(eps_fn, params, batch.x_t, batch.t, batch.context, uncond, guidance)
+    _, mean, sigma, _ = ddim.ddim_step(
+        batch.x_t, eps, batch.alpha_t, batch.alpha_s, eta, None, prediction_type
+    )
+    return ddim.policy_logprob(batch.x_s, mean, sigma, reduction), eps
+
+
+def proximal_penalty(eps: jax.Array, eps_old: jax.Array) -> jax.Array:
+    """Return the (B,) mean over elements of (ε̃_θ − ε̃_old)² (DAG's proximal term)."""
+    axes = tuple(range(1, eps.ndim))
+    return jnp.mean((eps.astype(jnp.float32) - eps_old.astype(jnp.float32)) ** 2, axis=axes)
