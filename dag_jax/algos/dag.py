@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dag_jax.algos.ddpo import ppo_surrogate
-from dag_jax.algos.transitions import Transitions, policy_terms, proximal_penalty
+from dag_jax.algos.transitions import Transitions, policy_terms, proximal_penalty, weighted_mean
 from dag_jax.diffusion import ddim
 
 FlowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -112,7 +112,7 @@ def db_loss(
         reduction=reduction,
     )
     delta = log_f_t + log_p - log_pb - log_f_s
-    loss = jnp.mean(delta**2 + reg_coef * reg)
+    loss = weighted_mean(delta**2 + reg_coef * reg, batch.weight)
     return loss, {
         "loss": loss,
         "db_residual_sq": jnp.mean(delta**2),
@@ -180,7 +180,7 @@ def kl_loss(
     signal = sg(log_f_s + log_pb - log_p - log_f_t)
     advantage = leave_one_out_advantages(signal, baseline_group, adv_clip)
     surrogate, ppo_metrics = ppo_surrogate(log_p, batch.log_prob, advantage, clip_range)
-    loss = jnp.mean(flow_residual**2 + kl_coef * surrogate + reg_coef * reg)
+    loss = weighted_mean(flow_residual**2 + kl_coef * surrogate + reg_coef * reg, batch.weight)
     return loss, {
         "loss": loss,
         "db_residual_sq": jnp.mean(flow_residual**2),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dag_jax.algos.transitions import Transitions, policy_terms
+from dag_jax.algos.transitions import Transitions, policy_terms, weighted_mean
 
 
 def ppo_surrogate(
@@ -40,11 +40,11 @@ def ddpo_loss(
     reduction: str = "mean",
     clip_range: float = 1e-4,
     adv_clip: float = 5.0,
-    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-    """Return (mean PPO-clip loss over the batch, metrics); advantages come from the batch.
+    """Return (PPO-clip loss averaged over the batch's kept rows, metrics).
 
-    ``weights`` (B,) masks transitions out (B²'s unselected samples) without changing shapes.
+    Advantages come from ``batch.advantage``; rows with ``batch.weight`` 0 (B²'s unselected
+    samples, padding) contribute nothing.
     """
     log_prob, _ = policy_terms(
         eps_fn,
@@ -58,8 +58,7 @@ def ddpo_loss(
     )
     advantage = jnp.clip(batch.advantage, -adv_clip, adv_clip)
     per_sample, metrics = ppo_surrogate(log_prob, batch.log_prob, advantage, clip_range)
-    w = jnp.ones_like(per_sample) if weights is None else weights.astype(jnp.float32)
-    loss = jnp.sum(w * per_sample) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = weighted_mean(per_sample, batch.weight)
     metrics.update(
         loss=loss, log_prob=jnp.mean(log_prob), advantage_abs=jnp.mean(jnp.abs(advantage))
     )

@@ -35,6 +35,7 @@ class Transitions:
     advantage: jax.Array  # (B,) fp32 (DDPO / B²; zeros otherwise)
     reward_t: jax.Array  # (B,) fp32 forward-looking reward of x_t (DAG; zeros otherwise)
     reward_s: jax.Array  # (B,) fp32 forward-looking reward of x_s, r(x_0) when terminal
+    weight: jax.Array  # (B,) fp32 loss weight: 0 drops a row (B² selection, padding)
 
     @property
     def size(self) -> int:
@@ -48,12 +49,14 @@ def from_trajectory(
     prompt: jax.Array,
     advantage: jax.Array | None = None,
     state_rewards: jax.Array | None = None,
+    weight: jax.Array | None = None,
 ) -> Transitions:
     """Return the B·K transitions of a (B, K)-step trajectory batch, row b·K + k = step k of b.
 
     ``advantage`` is per trajectory (B,); ``state_rewards`` (B, K+1) holds one forward-looking
     reward per state (the last one r(x_0)), so each state's reward is computed once and shared
-    by the two transitions that touch it.
+    by the two transitions that touch it. ``weight`` (B,) weighs each trajectory's rows in
+    the loss (default 1).
     """
     b, k = traj.log_probs.shape
     steps = traj.start + jnp.arange(k)
@@ -80,7 +83,16 @@ def from_trajectory(
         advantage=zeros if advantage is None else per_traj(jnp.asarray(advantage, jnp.float32)),
         reward_t=reward_t,
         reward_s=reward_s,
+        weight=jnp.ones((b * k,), jnp.float32)
+        if weight is None
+        else per_traj(jnp.asarray(weight, jnp.float32)),
     )
+
+
+def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
+    """Return Σ w·v / max(Σ w, 1): the mean over the rows a batch keeps."""
+    w = weight.astype(jnp.float32)
+    return jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def take(batch: Transitions, index: jax.Array) -> Transitions:
