@@ -18,9 +18,7 @@ def _kwargs(config: dict) -> dict:
 SD1_UNET = _kwargs(tiny.UNET_CONFIG)
 SD2_UNET = dict(SD1_UNET, attention_head_dim=[2, 4], use_linear_projection=True)
 VAE = _kwargs(tiny.VAE_CONFIG)
-TEXT = {
-    k: v for k, v in tiny.TEXT_CONFIG.items() if k not in ("architectures", "model_type")
-}
+TEXT = {k: v for k, v in tiny.TEXT_CONFIG.items() if k not in ("architectures", "model_type")}
 SCHEDULER = _kwargs(tiny.SCHEDULER_CONFIG)
 write_byte_tokenizer = tiny.write_byte_tokenizer
 

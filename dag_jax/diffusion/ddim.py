@@ -84,8 +84,20 @@ def gaussian_logprob(
 def policy_logprob(
     x_s: jax.Array, mean: jax.Array, sigma: jax.Array, reduction: str = "mean"
 ) -> jax.Array:
-    """Return log p_θ(x_s | x_t) for the DDIM policy N(μ, σ²I) (SPEC §2), shape (B,)."""
-    return gaussian_logprob(x_s.astype(jnp.float32), mean.astype(jnp.float32), sigma, reduction)
+    """Return log p_θ(x_s | x_t) for the DDIM policy N(μ, σ²I) (SPEC §2), shape (B,).
+
+    The gradient flows only through μ: x_s and σ are treated as constants, so the result is the
+    score-function log-prob even when x_s = μ + σz was built inside the differentiated function.
+    A deterministic step (σ = 0: η = 0, or the last step with ``set_alpha_to_one``) has no
+    density; its log-prob is 0 (no gradient), as for η = 0 rollouts, instead of NaN.
+    """
+    x_s = jax.lax.stop_gradient(x_s.astype(jnp.float32))
+    sigma = jax.lax.stop_gradient(jnp.asarray(sigma, jnp.float32))
+    stochastic = sigma > 0
+    lp = gaussian_logprob(
+        x_s, mean.astype(jnp.float32), jnp.where(stochastic, sigma, 1.0), reduction
+    )
+    return jnp.where(stochastic, lp, 0.0)
 
 
 def backward_logprob(
