@@ -23,11 +23,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def describe_device(device: torch.device) -> str:
-    """Return a human-readable name of the torch device (GPU name, or cpu with its threads)."""
+def describe(device: torch.device) -> dict[str, str]:
+    """Return the torch device (GPU name, or cpu with its thread count) and torch version."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu ({torch.get_num_threads()} threads)"
+        name = f"cuda:{torch.cuda.get_device_name(device)}"
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    return {"torch_device": name, "torch_version": torch.__version__}
 
 
 def synchronize(device: torch.device) -> None:
@@ -45,7 +47,7 @@ def build_unet(config: Mapping, seed: int, device: torch.device) -> UNet2DCondit
         for p in unet.parameters():
             if not p.any():  # zero-initialised tensors would hide conversion errors
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return unet.to(device=device, dtype=torch.float32).eval()
+    return unet.to(device).eval()  # parameters are fp32 as built
 
 
 def state_dict_numpy(unet: UNet2DConditionModel) -> dict[str, np.ndarray]:
