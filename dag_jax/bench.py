@@ -433,26 +433,30 @@ def run(what: str, settings: Settings) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "tiny", sorted(MODELS), "UNet shapes (random weights)")
-flags.DEFINE_integer("batch", 8, "trajectories per rollout")
-flags.DEFINE_integer("steps", 20, "DDIM steps")
-flags.DEFINE_integer("resolution", 0, "latent side length; 0 = the model's sample_size")
-flags.DEFINE_integer("repeats", 3, "timed runs")
-flags.DEFINE_integer("warmup", 1, "untimed runs before timing (after compilation)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype")
-flags.DEFINE_enum("impl", "both", ["both", *IMPLS], "implementations to run")
-flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale")
-flags.DEFINE_float("eta", 1.0, "DDIM eta")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_bool("check", False, "assert both implementations give the same first-step eps")
-flags.DEFINE_float("check_tol", 0.0, "--check tolerance (relative L2 of eps); 0 = by dtype")
-flags.DEFINE_string("json", None, "write the records to this JSON file")
 
 
 def settings_from_flags() -> Settings:
     """Return Settings from the parsed command-line flags."""
     names = [f.name for f in dataclasses.fields(Settings)]
     return Settings(**{name: FLAGS[name].value for name in names})
+
+
+def define_flags() -> None:
+    """Define this entry point's command-line flags (only when run as a program)."""
+    flags.DEFINE_enum("model", "tiny", sorted(MODELS), "UNet shapes (random weights)")
+    flags.DEFINE_integer("batch", 8, "trajectories per rollout")
+    flags.DEFINE_integer("steps", 20, "DDIM steps")
+    flags.DEFINE_integer("resolution", 0, "latent side length; 0 = the model's sample_size")
+    flags.DEFINE_integer("repeats", 3, "timed runs")
+    flags.DEFINE_integer("warmup", 1, "untimed runs before timing (after compilation)")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype")
+    flags.DEFINE_enum("impl", "both", ["both", *IMPLS], "implementations to run")
+    flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale")
+    flags.DEFINE_float("eta", 1.0, "DDIM eta")
+    flags.DEFINE_integer("seed", 0, "random seed")
+    flags.DEFINE_bool("check", False, "assert both implementations give the same first-step eps")
+    flags.DEFINE_float("check_tol", 0.0, "--check tolerance (relative L2 of eps); 0 = by dtype")
+    flags.DEFINE_string("json", None, "write the records to this JSON file")
 
 
 def main(argv):
@@ -464,4 +468,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -104,16 +104,20 @@ def save_images(images: np.ndarray, out_dir: Path, prefix: str = "") -> list[Pat
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "random-tiny", "diffusers folder, hub repo id, or random-tiny")
-flags.DEFINE_multi_string("prompt", ["a photo of a cat"], "prompt (repeat for several)")
-flags.DEFINE_integer("num_images", 4, "images per prompt")
-flags.DEFINE_integer("steps", 50, "DDIM steps")
-flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
-flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic, 1 = DDPM posterior)")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_integer("batch_size", 8, "images per compiled call")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
-flags.DEFINE_string("out", "samples", "output folder for PNGs")
+
+
+def define_flags() -> None:
+    """Define this entry point's command-line flags (only when run as a program)."""
+    flags.DEFINE_string("model", "random-tiny", "diffusers folder, hub repo id, or random-tiny")
+    flags.DEFINE_multi_string("prompt", ["a photo of a cat"], "prompt (repeat for several)")
+    flags.DEFINE_integer("num_images", 4, "images per prompt")
+    flags.DEFINE_integer("steps", 50, "DDIM steps")
+    flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
+    flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic, 1 = DDPM posterior)")
+    flags.DEFINE_integer("seed", 0, "random seed")
+    flags.DEFINE_integer("batch_size", 8, "images per compiled call")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
+    flags.DEFINE_string("out", "samples", "output folder for PNGs")
 
 
 def main(argv):
@@ -145,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
