@@ -37,6 +37,8 @@ class Toy2DConfig:
     """Settings of the 2-D experiment (defaults run in a few minutes on 2 CPU cores)."""
 
     num_modes: int = 8
+    background_weight: float = 0.05
+    background_std: float = 3.0
     radius: float = 2.0
     mode_std: float = 0.2
     steps: int = 20
@@ -88,12 +90,35 @@ class MLP(nn.Module):
 
 
 def log_target(cfg: Toy2DConfig, x: jax.Array) -> jax.Array:
-    """Return log p*(x) (B,) for the unequal-weight mixture: the reward."""
+    """Return log p*(x) (B,): the reward, whose exp is the (normalised) target density.
+
+    p* = (1 − w_bg)·Σ_k w_k N(c_k, σ²I) + w_bg·N(0, σ_bg²I): the unequal-weight modes plus a
+    broad background that keeps r bounded below where samples go (between modes r would
+    otherwise fall like −d²/2σ², and the forward-looking reward of noisy states with it).
+    """
     c = jnp.asarray(cfg.centers, jnp.float32)
     d2 = jnp.sum((x[:, None, :] - c[None]) ** 2, axis=-1)
     log_norm = -math.log(2 * math.pi * cfg.mode_std**2)
-    comp = jnp.log(jnp.asarray(cfg.weights, jnp.float32)) + log_norm - d2 / (2 * cfg.mode_std**2)
-    return jax.scipy.special.logsumexp(comp, axis=1)
+    weights = jnp.asarray(cfg.weights * (1 - cfg.background_weight), jnp.float32)
+    comp = jnp.log(weights) + log_norm - d2 / (2 * cfg.mode_std**2)
+    parts = [comp]
+    if cfg.background_weight > 0:
+        bg_var = cfg.background_std**2
+        bg = (
+            math.log(cfg.background_weight)
+            - math.log(2 * math.pi * bg_var)
+            - jnp.sum(x**2, axis=-1) / (2 * bg_var)
+        )
+        parts.append(bg[:, None])
+    return jax.scipy.special.logsumexp(jnp.concatenate(parts, axis=1), axis=1)
+
+
+def sample_target(cfg: Toy2DConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Return n exact samples of p* (modes with weights ∝ k, plus the background)."""
+    x = sample_mixture(cfg, rng, n, cfg.weights)
+    bg = rng.random(n) < cfg.background_weight
+    x[bg] = cfg.background_std * rng.standard_normal((int(bg.sum()), 2))
+    return x
 
 
 def sample_mixture(cfg: Toy2DConfig, rng: np.random.Generator, n: int, weights=None):
@@ -139,7 +164,7 @@ def metrics(cfg: Toy2DConfig, samples: np.ndarray) -> dict:
     lim = cfg.radius + 4 * cfg.mode_std
     edges = np.linspace(-lim, lim, cfg.grid + 1)
     hist, _, _ = np.histogram2d(samples[:, 0], samples[:, 1], bins=[edges, edges])
-    hist = hist / len(samples)
+    hist = hist / max(hist.sum(), 1.0)  # both distributions conditioned on the grid
     mid = (edges[:-1] + edges[1:]) / 2
     gx, gy = np.meshgrid(mid, mid, indexing="ij")
     grid_pts = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], 1), jnp.float32)
@@ -360,7 +385,7 @@ def run(cfg: Toy2DConfig, algos=ALGOS) -> list[dict]:
         t1 = time.time()
         samples = finetune(cfg, algo, model, base)
         rows.append({"algo": algo, **metrics(cfg, samples), "seconds": time.time() - t1})
-    target = sample_mixture(cfg, np.random.default_rng(123), cfg.eval_samples, cfg.weights)
+    target = sample_target(cfg, np.random.default_rng(123), cfg.eval_samples)
     rows.append({"algo": "target_samples", **metrics(cfg, target), "seconds": 0.0})
     for r in rows:
         r["pretrain_seconds"] = pretrain_s
