@@ -246,25 +246,12 @@ def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.n
     reward = lambda x: log_target(cfg, x)
 
     def loss_fn(params, batch, beta):
+        args = (toy.eps_fn, toy.flow_fn, params, batch, None, beta)
         if algo == "dag_db":
-            return dag.db_loss(
-                toy.eps_fn,
-                toy.flow_fn,
-                params,
-                batch,
-                None,
-                beta,
-                reg_coef=cfg.reg_coef,
-                **policy_kw,
-            )
+            return dag.db_loss(*args, reg_coef=cfg.reg_coef, **policy_kw)
         if algo == "dag_kl":
             return dag.kl_loss(
-                toy.eps_fn,
-                toy.flow_fn,
-                params,
-                batch,
-                None,
-                beta,
+                *args,
                 reg_coef=cfg.reg_coef,
                 kl_coef=cfg.kl_coef,
                 clip_range=cfg.ppo_clip,
