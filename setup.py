@@ -38,6 +38,7 @@ setup(
             "diffusers>=0.30",
             "transformers>=4.40",
             "peft>=0.11",
+            "open_clip_torch>=2.24",
             "ruff>=0.6",
         ],
         "tensorboard": ["tensorboardX>=2.6"],

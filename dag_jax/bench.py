@@ -18,6 +18,10 @@ its state dict converted for the Linen UNet. Metrics per impl:
   unet_calls_per_s    steps / rollout_s; one call = one forward on the 2B-row [uncond; cond] batch
   unet_rows_per_s     2·batch·steps / rollout_s (per-image UNet evaluations)
   compile_s           (dag_jax) seconds to lower and compile the rollout
+  achieved_tflops, mfu  rollout FLOPs (steps × XLA's cost analysis of one guided UNet call,
+                      the same count for both impls) / rollout_s, and that over the peak:
+                      the published dense bf16 peak on GPU/TPU, a measured matmul on CPU
+                      (config: peak_tflops, peak_source, rollout_gflop)
   speedup_vs_torch_ref  (dag_jax) its trajectories_per_s ÷ torch_ref's
   check_eps_max_abs_diff, check_eps_rel_l2_diff  (dag_jax, with --check) max |ε̃_jax − ε̃_torch|
                       and ‖ε̃_jax − ε̃_torch‖/‖ε̃_torch‖ at the first step; the check fails above
@@ -35,6 +39,8 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +53,7 @@ from absl import app, flags
 from dag_jax import tiny
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
+from dag_jax.models.layers import ATTENTION_IMPLS
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.pipeline import unet_shapes
 from dag_jax.weights.convert import torch_to_linen
@@ -78,7 +85,8 @@ class Settings:
     resolution: int = 0  # latent side; 0 = the model's sample_size
     repeats: int = 3
     warmup: int = 1
-    dtype: str = "float32"  # compute dtype of the JAX side (params stay fp32)
+    dtype: str = "float32"  # compute dtype (JAX: params fp32; torch_ref: autocast)
+    attention: str = "xla"  # dag_jax attention formulation: xla | jax | cudnn
     impl: str = "both"
     guidance: float = 5.0
     eta: float = 1.0
@@ -175,6 +183,107 @@ def timed_runs(
     return {name: tuple(t) for name, t in times.items()}
 
 
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense bf16 peak FLOP/s from the vendors' datasheets (SPEC §10: MFU divides by these on
+# GPU/TPU), matched against ``device_kind`` by substring, most specific first.
+PUBLISHED_BF16_PEAK = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),  # v5e / "TPU v5 lite"
+    ("TPU v4", 275e12),
+)
+
+
+def program_flops(lowered) -> float:
+    """Return the FLOPs XLA's cost analysis counts for a lowered (not yet compiled) program.
+
+    The count is taken before backend optimisation on purpose: after compilation on GPU, convs
+    and matmuls become cuDNN/cuBLAS custom calls that the analysis does not count, so the same
+    model would seem to do 6× fewer FLOPs in bf16 than in fp32.
+    """
+    cost = lowered.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def measured_matmul_peak(dtype: str, n: int = 4096, repeats: int = 5) -> float:
+    """Return the FLOP/s of the best of ``repeats`` jitted n×n×n matmuls on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """Return (peak FLOP/s, where it comes from) for MFU on the default JAX device.
+
+    GPU/TPU: the published dense bf16 peak of the device kind (whatever the compute dtype, so
+    fp32 runs show how far they are from the chip's limit). CPU, or an unknown accelerator: a
+    measured large matmul in the compute dtype.
+    """
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        for name, peak in PUBLISHED_BF16_PEAK:
+            if name.lower() in dev.device_kind.lower():
+                return peak, f"published dense bf16 peak of {name}"
+    n = 2048 if dev.platform == "cpu" else 8192
+    return measured_matmul_peak(dtype, n), f"measured {n}³ {dtype} matmul on {dev.device_kind}"
+
+
+def unet_call_flops(unet_config: dict, settings: Settings) -> float:
+    """Return the model FLOPs of one guided UNet call on the 2B-row [uncond; cond] batch.
+
+    Counted by XLA:CPU's cost analysis of the lowered program with the einsum attention, on
+    abstract inputs (nothing is allocated). The count is the model's, whatever kernels run:
+    on GPU the analysis counts nothing before compilation and misses cuDNN/cuBLAS custom calls
+    after it, so there the count is taken in a CPU-only subprocess.
+    """
+    if jax.default_backend() == "cpu":
+        return _cpu_unet_call_flops(unet_config, settings)
+    code = (
+        "import json, sys; from dag_jax import bench; "
+        "a = json.loads(sys.argv[1]); "
+        "print(bench._cpu_unet_call_flops(a['config'], bench.Settings(**a['settings'])))"
+    )
+    arg = json.dumps({"config": unet_config, "settings": dataclasses.asdict(settings)})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _cpu_unet_call_flops(unet_config: dict, settings: Settings) -> float:
+    """Return ``unet_call_flops`` counted in this (CPU) process."""
+    unet = linen_unet(unet_config, settings.dtype, "xla")
+    inputs = sampler_inputs(settings, unet_config)
+    eps_fn = lambda p, x, t, c: unet.apply({"params": p}, x, t, c).sample
+    fn = lambda p, x, c, u: guided_eps(eps_fn, p, x, 500, c, u, settings.guidance)
+    side = 2 ** len(unet.config.block_out_channels)
+    params = jax.eval_shape(
+        unet.init,
+        jax.random.key(0),
+        jnp.zeros((1, unet.config.in_channels, side, side)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, 1, unet.config.cross_attention_dim)),
+    )["params"]
+    flops = program_flops(jax.jit(fn).lower(params, inputs.x_T, inputs.context, inputs.uncond))
+    if not flops:
+        print("[bench] XLA's cost analysis counted no FLOPs here: MFU is not reported")
+    return flops
+
+
 # --------------------------------------------------------------------------- sampler
 
 
@@ -198,9 +307,11 @@ def sampler_inputs(settings: Settings, unet_config: dict) -> SamplerInputs:
     return SamplerInputs(f32(x_T), f32(context), f32(uncond))
 
 
-def linen_unet(unet_config: dict, dtype: str) -> UNet2DConditionModel:
+def linen_unet(unet_config: dict, dtype: str, attention: str = "xla") -> UNet2DConditionModel:
     """Return the Linen UNet of a diffusers config with the given compute dtype."""
-    return UNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=jnp.dtype(dtype))
+    return UNet2DConditionModel(
+        UNetConfig.from_dict(unet_config), dtype=jnp.dtype(dtype), attention_impl=attention
+    )
 
 
 def default_init_params(unet: UNet2DConditionModel, seed: int) -> dict:
@@ -260,18 +371,20 @@ def prepare_torch_sampler(
         torch.from_numpy(a).to(dev) for a in (inputs.x_T, inputs.context, inputs.uncond)
     )
     gen = torch.Generator(device=dev).manual_seed(settings.seed)
+    autocast = bench_torch.autocast(dev, settings.dtype)
 
     def once():
-        bench_torch.rollout(
-            torch_unet,
-            x_T,
-            context,
-            uncond,
-            generator=gen,
-            guidance=settings.guidance,
-            eta=settings.eta,
-            **grid,
-        )
+        with autocast:
+            bench_torch.rollout(
+                torch_unet,
+                x_T,
+                context,
+                uncond,
+                generator=gen,
+                guidance=settings.guidance,
+                eta=settings.eta,
+                **grid,
+            )
         bench_torch.synchronize(dev)
 
     return once
@@ -311,8 +424,16 @@ def check_tolerance(settings: Settings) -> float:
     return settings.check_tol or (1e-4 if settings.dtype == "float32" else 0.1)
 
 
-def timing_records(bench: str, impl: str, timing: Timing, settings: Settings, config: dict):
-    """Return the rate records of one implementation's sampler timing."""
+def timing_records(
+    bench: str,
+    impl: str,
+    timing: Timing,
+    settings: Settings,
+    config: dict,
+    rollout_flops: float = 0.0,
+    peak: float = 0.0,
+):
+    """Return the rate records of one implementation's sampler timing (and MFU if counted)."""
     mean = timing.mean_s
     out = [
         record(bench, impl, "rollout_s", mean, "s", config),
@@ -330,6 +451,10 @@ def timing_records(bench: str, impl: str, timing: Timing, settings: Settings, co
     ]
     if timing.compile_s is not None:
         out.append(record(bench, impl, "compile_s", timing.compile_s, "s", config))
+    if rollout_flops and peak:
+        achieved = rollout_flops / mean
+        out.append(record(bench, impl, "achieved_tflops", achieved / 1e12, "TFLOP/s", config))
+        out.append(record(bench, impl, "mfu", achieved / peak, "fraction", config))
     return out
 
 
@@ -341,7 +466,7 @@ def sampler_models(
     With torch the diffusers UNet is built first and its state dict converted, so both compute
     the same function; without it the Linen UNet gets Flax's default init.
     """
-    unet = linen_unet(unet_config, settings.dtype)
+    unet = linen_unet(unet_config, settings.dtype, settings.attention)
     if not use_torch:
         return unet, default_init_params(unet, settings.seed), None, {}
     from dag_jax import bench_torch
@@ -388,12 +513,16 @@ def bench_sampler(settings: Settings) -> list[dict]:
             calls[impl], compile_s[impl] = prepare_dag_jax_sampler(unet, params, inputs, settings)
         else:
             calls[impl] = prepare_torch_sampler(torch_unet, inputs, settings)
+    rollout_flops = settings.steps * unet_call_flops(unet_config, settings)
+    peak, config["peak_source"] = peak_flops(settings.dtype)
+    config["peak_tflops"] = peak / 1e12
+    config["rollout_gflop"] = rollout_flops / 1e9
     config["loadavg_1min_before"] = os.getloadavg()[0]
     runs = timed_runs(calls, settings.repeats, settings.warmup)
     config["loadavg_1min_after"] = os.getloadavg()[0]
     timings = {impl: Timing(run_s=runs[impl], compile_s=compile_s.get(impl)) for impl in impls}
     for impl, timing in timings.items():
-        records += timing_records("sampler", impl, timing, settings, config)
+        records += timing_records("sampler", impl, timing, settings, config, rollout_flops, peak)
     if len(timings) == 2:
         speedup = timings["torch_ref"].mean_s / timings["dag_jax"].mean_s  # = ratio of traj/s
         records.append(record("sampler", "dag_jax", "speedup_vs_torch_ref", speedup, "x", config))
@@ -449,7 +578,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("resolution", 0, "latent side length; 0 = the model's sample_size")
     flags.DEFINE_integer("repeats", 3, "timed runs")
     flags.DEFINE_integer("warmup", 1, "untimed runs before timing (after compilation)")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype")
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"], "compute dtype (torch_ref: autocast)"
+    )
+    flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLS), "dag_jax attention kernel")
     flags.DEFINE_enum("impl", "both", ["both", *IMPLS], "implementations to run")
     flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale")
     flags.DEFINE_float("eta", 1.0, "DDIM eta")

@@ -32,6 +32,17 @@ def describe(device: torch.device) -> dict[str, str]:
     return {"torch_device": name, "torch_version": torch.__version__}
 
 
+def autocast(device: torch.device, dtype: str):
+    """Return the autocast context for a compute dtype (fp32: a no-op context).
+
+    bf16 runs the UNet's matmuls and convs in bf16 with fp32 weights, as the JAX side does
+    with ``dtype=bfloat16``; the DDIM step and log-prob stay fp32.
+    """
+    if dtype == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -69,6 +80,7 @@ def guided_eps(
         torch.cat([x, x]), t.expand(2 * b), encoder_hidden_states=torch.cat([uncond, context])
     ).sample
     e_u, e_c = out[:b], out[b:]
+    e_u, e_c = e_u.float(), e_c.float()
     return e_u + guidance * (e_c - e_u)
 
 

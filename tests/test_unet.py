@@ -61,6 +61,19 @@ def test_remat_gives_the_same_output(torch_sd1):
     assert np.isfinite(np.asarray(grad["conv_in"]["kernel"])).all()
 
 
+def test_attention_through_jax_nn_gives_the_same_output(torch_sd1):
+    unet, params, _ = _convert(torch_sd1[0].unet)
+    fused = UNet2DConditionModel(unet.config, attention_impl="jax")
+    x, t, ctx = _inputs(batch=1, side=16)
+    a = unet.apply({"params": params}, x, t, ctx).sample
+    b = fused.apply({"params": params}, x, t, ctx).sample
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    with pytest.raises(ValueError, match="attention impl"):
+        UNet2DConditionModel(unet.config, attention_impl="flash").apply(
+            {"params": params}, x, t, ctx
+        )
+
+
 def test_bfloat16_compute_is_close_to_float32(torch_sd1):
     unet, params, _ = _convert(torch_sd1[0].unet)
     x, t, ctx = _inputs(batch=1, side=16)

@@ -134,19 +134,40 @@ class Upsample2D(nn.Module):
         return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
 
 
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool = True
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    upcast: bool = True,
+    impl: str = "xla",
 ) -> jax.Array:
     """Return softmax(q kᵀ/√d) v over heads for (B, Lq, H·D), (B, Lk, H·D) inputs.
 
-    Scores are formed in fp32 when ``upcast`` (diffusers' ``upcast_attention``) and the softmax
-    always runs in fp32; the result is cast back to q's dtype.
+    ``impl`` chooses the formulation (same math, numerics within rounding):
+
+    - ``"xla"``: explicit einsums; scores are formed in fp32 when ``upcast`` (diffusers'
+      ``upcast_attention``) and the softmax always runs in fp32; the result has q's dtype.
+    - ``"jax"``: ``jax.nn.dot_product_attention`` letting XLA pick (softmax in fp32).
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused flash
+      kernel on NVIDIA GPUs (bf16/fp16 compute only; scores never materialise in memory).
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     b, lq, inner = q.shape
     d = inner // heads
     q = q.reshape(b, lq, heads, d)
     k = k.reshape(b, k.shape[1], heads, d)
     v = v.reshape(b, v.shape[1], heads, d)
+    if impl != "xla":
+        kind = None if impl == "jax" else "cudnn"
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), implementation=kind
+        )
+        return out.reshape(b, lq, inner)
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d**-0.5)
@@ -168,6 +189,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     upcast: bool = False
     lora_scale: float = 1.0
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     def _proj(self, name: str, features: int, x: jax.Array, bias: bool) -> jax.Array:
@@ -185,7 +207,7 @@ class Attention(nn.Module):
         q = self._proj("to_q", inner, x, self.qkv_bias)
         k = self._proj("to_k", inner, context, self.qkv_bias)
         v = self._proj("to_v", inner, context, self.qkv_bias)
-        out = dot_product_attention(q, k, v, self.heads, self.upcast)
+        out = dot_product_attention(q, k, v, self.heads, self.upcast, self.attention_impl)
         return self._proj("to_out_0", self.query_dim, out, True)
 
 
@@ -224,6 +246,7 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     lora_scale: float = 1.0
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -237,6 +260,7 @@ class BasicTransformerBlock(nn.Module):
             dim_head=self.dim_head,
             upcast=self.upcast_attention,
             lora_scale=self.lora_scale,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
         )
         h = ln("norm1")(x)
@@ -256,6 +280,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     lora_scale: float = 1.0
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -276,6 +301,7 @@ class Transformer2DModel(nn.Module):
                 only_cross_attention=self.only_cross_attention,
                 upcast_attention=self.upcast_attention,
                 lora_scale=self.lora_scale,
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 name=f"transformer_blocks_{i}",
             )(x, context)

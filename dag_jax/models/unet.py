@@ -209,13 +209,15 @@ class UNet2DConditionModel(nn.Module):
 
     ``remat`` wraps each down, mid and up block in ``nn.remat`` (gradient checkpointing).
     A ``lora`` variable collection (models/lora.py) adapts the attention projections, scaled
-    by ``lora_scale`` (α/r).
+    by ``lora_scale`` (α/r). ``attention_impl`` picks the attention formulation
+    (``layers.dot_product_attention``: "xla", "jax" or "cudnn" for the fused GPU kernel).
     """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     lora_scale: float = 1.0
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -274,6 +276,7 @@ class UNet2DConditionModel(nn.Module):
                 only_cross_attention=only_cross[i],
                 upcast_attention=cfg.upcast_attention,
                 lora_scale=self.lora_scale,
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
             )
 

@@ -132,9 +132,13 @@ def linen_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     """Return a flat PyTorch-named state dict (numpy arrays) from a Linen params tree."""
     flat = traverse_util.flatten_dict(dict(params))
     return {
-        torch_key(path): np.ascontiguousarray(_to_torch(path[-1], np.asarray(v)))
-        for path, v in flat.items()
+        torch_key(path): _contiguous(_to_torch(path[-1], np.asarray(v))) for path, v in flat.items()
     }
+
+
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """Return a C-contiguous copy-if-needed with the same shape (0-d scalars stay 0-d)."""
+    return np.ascontiguousarray(value).reshape(value.shape)
 
 
 def rename_legacy_attention(params: Mapping) -> dict:
