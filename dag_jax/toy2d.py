@@ -55,6 +55,8 @@ class Toy2DConfig:
     kl_coef: float = 1.0
     ppo_clip: float = 0.1
     flow_warmup_epochs: int = 20
+    forward_looking: bool = True  # False: plain DB/KL (state rewards 0 but the terminal r)
+    anchor_initial_flow: bool = True  # log F(x_T) = log Z + log N(x_T) (False: the release)
     baseline_group: int = 8
     b2_branches: int = 5
     eval_samples: int = 20000
@@ -159,8 +161,25 @@ def pretrain(cfg: Toy2DConfig) -> tuple[MLP, dict]:
     return model, params
 
 
+def mode_shares(cfg: Toy2DConfig, samples: np.ndarray) -> np.ndarray:
+    """Return the fraction of samples nearest to each mode centre (K,)."""
+    nearest = np.argmin(((samples[:, None] - cfg.centers[None]) ** 2).sum(-1), axis=1)
+    return np.bincount(nearest, minlength=cfg.num_modes) / len(samples)
+
+
+def target_mode_shares(cfg: Toy2DConfig, n: int = 400_000) -> np.ndarray:
+    """Return p*'s nearest-mode shares, estimated from n exact samples (fixed seed)."""
+    return mode_shares(cfg, sample_target(cfg, np.random.default_rng(2024), n))
+
+
 def metrics(cfg: Toy2DConfig, samples: np.ndarray) -> dict:
-    """Return total variation to p* on a grid, modes holding ≥ 1 % of samples, mean reward."""
+    """Return distances to p*, modes holding ≥ 1 % of samples, mean reward, best-mode share.
+
+    target_distance: total variation between the samples' and p*'s histograms on a grid over
+    the modes (both conditioned on the grid), which also counts mode *shape* errors of the
+    pretrained model; mode_weight_distance: total variation between nearest-mode shares, i.e.
+    how well the mixture weights themselves are matched.
+    """
     lim = cfg.radius + 4 * cfg.mode_std
     edges = np.linspace(-lim, lim, cfg.grid + 1)
     hist, _, _ = np.histogram2d(samples[:, 0], samples[:, 1], bins=[edges, edges])
@@ -170,10 +189,10 @@ def metrics(cfg: Toy2DConfig, samples: np.ndarray) -> dict:
     grid_pts = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], 1), jnp.float32)
     dens = np.exp(np.asarray(log_target(cfg, grid_pts))).reshape(gx.shape)
     dens = dens / dens.sum()
-    nearest = np.argmin(((samples[:, None] - cfg.centers[None]) ** 2).sum(-1), axis=1)
-    share = np.bincount(nearest, minlength=cfg.num_modes) / len(samples)
+    share = mode_shares(cfg, samples)
     return {
         "target_distance": float(0.5 * np.abs(hist - dens).sum()),
+        "mode_weight_distance": float(0.5 * np.abs(share - target_mode_shares(cfg)).sum()),
         "modes_covered": int((share >= 0.01).sum()),
         "mean_reward": float(np.mean(np.asarray(log_target(cfg, jnp.asarray(samples))))),
         "best_mode_share": float(share[-1]),
@@ -224,8 +243,14 @@ class _Toy:
         return self.sample(params, keys, self.initial(keys)).final
 
 
-def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.ndarray:
-    """Return eval samples of the model after fine-tuning ``base_params`` with ``algo``."""
+def finetune(
+    cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict, on_epoch=None
+) -> np.ndarray:
+    """Return eval samples of the model after fine-tuning ``base_params`` with ``algo``.
+
+    ``on_epoch(epoch, final_samples, update_metrics)``, if given, sees each epoch's on-policy
+    final samples (before that epoch's updates) and the last update's loss metrics.
+    """
     toy = _Toy(cfg, model)
     if algo == "base":
         return np.asarray(
@@ -234,10 +259,13 @@ def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.n
     key = jax.random.PRNGKey(cfg.seed + 7)
     flow_params = toy.flow.init(key, jnp.zeros((1, 2)), jnp.zeros((1,)))
     trainable = {"policy": base_params, "flow": flow_params}
+    if cfg.anchor_initial_flow:
+        trainable["log_z"] = jnp.zeros((), jnp.float32)
     tx = optax.multi_transform(
         {
             "policy": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.learning_rate)),
             "flow": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.flow_learning_rate)),
+            "log_z": optax.adam(cfg.flow_learning_rate),
         },
         lambda p: {k: k for k in p},
     )
@@ -286,7 +314,10 @@ def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.n
             toy.ctx(cfg.trajectories),
             reward,
         )
-        return from_trajectory(traj, toy.schedule, jnp.zeros(cfg.trajectories), state_rewards=r)
+        if not cfg.forward_looking:
+            r = r.at[:, :-1].set(0.0)
+        batch = from_trajectory(traj, toy.schedule, jnp.zeros(cfg.trajectories), state_rewards=r)
+        return batch, traj.final
 
     @jax.jit
     def sample_plain(params, key):
@@ -300,10 +331,12 @@ def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.n
     for epoch in range(cfg.epochs):
         ekey = jax.random.fold_in(key, epoch)
         beta = dag.annealed_beta(cfg.beta, epoch, cfg.epochs, cfg.anneal_fraction)
+        finals = None
         if algo.startswith("dag"):
-            batch = sample_dag(trainable, ekey)
+            batch, finals = sample_dag(trainable, ekey)
         elif algo == "ddpo":
             traj, r = sample_plain(trainable, ekey)
+            finals = traj.final
             adv = tracker.update(np.zeros(len(r), int), np.asarray(r))
             batch = from_trajectory(traj, toy.schedule, jnp.zeros(len(r)), advantage=adv)
         else:
@@ -317,7 +350,9 @@ def finetune(cfg: Toy2DConfig, algo: str, model: MLP, base_params: dict) -> np.n
         for i in range(0, batch.size - mb + 1, mb):
             sub = take(batch, jnp.arange(i, i + mb))
             train_policy = jnp.float32(epoch >= warmup)
-            trainable, opt, _ = update(trainable, opt, sub, jnp.float32(beta), train_policy)
+            trainable, opt, last = update(trainable, opt, sub, jnp.float32(beta), train_policy)
+        if on_epoch is not None and finals is not None:
+            on_epoch(epoch, np.asarray(finals), jax.device_get(last))
     final = jax.jit(toy.sample_final, static_argnums=2)(
         trainable["policy"], EVAL_KEY, cfg.eval_samples
     )
@@ -377,3 +412,31 @@ def run(cfg: Toy2DConfig, algos=ALGOS) -> list[dict]:
     for r in rows:
         r["pretrain_seconds"] = pretrain_s
     return rows
+
+
+METRIC_UNITS = {
+    "target_distance": "total_variation",
+    "mode_weight_distance": "total_variation",
+    "modes_covered": "modes",
+    "mean_reward": "log_density",
+    "best_mode_share": "fraction",
+    "seconds": "s",
+}
+
+
+def bench_toy2d(settings) -> list[dict]:
+    """Return ``dag_jax.bench`` records of ``run`` (``python -m dag_jax.bench toy2d``).
+
+    One record per (algorithm, metric): impl is the algorithm (``target_samples`` = exact
+    samples of p*, the floor set by finite samples and the grid), config the Toy2DConfig
+    (seed from ``--seed``).
+    """
+    from dag_jax.bench import machine_info, record
+
+    cfg = dataclasses.replace(Toy2DConfig(), seed=settings.seed)
+    config = {**dataclasses.asdict(cfg), **machine_info()}
+    records = []
+    for row in run(cfg):
+        for metric, unit in METRIC_UNITS.items():
+            records.append(record("toy2d", row["algo"], metric, row[metric], unit, config))
+    return records

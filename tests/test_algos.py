@@ -87,6 +87,26 @@ def test_terminal_log_flow_is_beta_times_reward():
     )
 
 
+def test_anchored_initial_flow_is_log_z_plus_the_prior_log_density():
+    params = _params()
+    _, batch = _batch(params)
+    log_z = jnp.float32(1.5)
+    free_t, free_s = dag.log_flows(flow_fn, params["flow"], batch, 3.0)
+    log_f_t, log_f_s = dag.log_flows(flow_fn, params["flow"], batch, 3.0, log_z, "sum")
+    first = np.asarray(batch.initial)
+    assert first.sum() == 4 and first[:: SCHED.num_steps].all()
+    prior = -0.5 * np.sum(np.asarray(batch.x_t) ** 2, axis=1) - np.log(2 * np.pi)
+    np.testing.assert_allclose(log_f_t[first], 1.5 + prior[first], rtol=1e-5)
+    np.testing.assert_allclose(log_f_t[~first], free_t[~first], rtol=1e-6)
+    np.testing.assert_array_equal(log_f_s, free_s)
+    grad = jax.grad(
+        lambda z: dag.db_loss(
+            eps_fn, flow_fn, {**params, "log_z": z}, batch, None, 3.0, reg_coef=0.0, **KW
+        )[0]
+    )(log_z)
+    assert np.isfinite(grad) and grad != 0
+
+
 def test_db_residual_is_the_sum_of_its_pieces():
     params = _params()
     _, batch = _batch(params)

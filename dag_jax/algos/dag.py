@@ -60,9 +60,21 @@ def forward_looking_rewards(
 
 
 def log_flows(
-    flow_fn: FlowFn, flow_params, batch: Transitions, beta: jax.Array
+    flow_fn: FlowFn,
+    flow_params,
+    batch: Transitions,
+    beta: jax.Array,
+    log_z: jax.Array | None = None,
+    reduction: str = "mean",
 ) -> tuple[jax.Array, jax.Array]:
-    """Return (log F(x_t), log F(x_s)), each (B,) fp32, with one flow call on [x_t; x_s]."""
+    """Return (log F(x_t), log F(x_s)), each (B,) fp32, with one flow call on [x_t; x_s].
+
+    With ``log_z`` (a learned scalar) the flow of the first state is anchored to the prior,
+    log F(x_T) = log Z + log N(x_T; 0, I) (reduced like the log-probs). Without it F(x_T) is as
+    free as any other state's (the release): then DB/KL can be satisfied by terminal marginals
+    other than ∝ R, because the prior over x_T is fixed while F(x_T) is not (see
+    ``anchored_initial_flow``).
+    """
     b = batch.size
     f = flow_fn(
         flow_params,
@@ -71,6 +83,11 @@ def log_flows(
         jnp.concatenate([batch.context, batch.context]),
     ).astype(jnp.float32)
     log_f_t = f[:b] + beta * batch.reward_t
+    if log_z is not None:
+        prior = ddim.gaussian_logprob(
+            batch.x_t.astype(jnp.float32), 0.0, jnp.float32(1.0), reduction
+        )
+        log_f_t = jnp.where(batch.initial, log_z.astype(jnp.float32) + prior, log_f_t)
     log_f_s = jnp.where(batch.terminal, 0.0, f[b:]) + beta * batch.reward_s
     return log_f_t, log_f_s
 
@@ -79,7 +96,9 @@ def _terms(eps_fn, flow_fn, params, batch, uncond, beta, **policy):
     reduction = policy["reduction"]
     log_p, eps = policy_terms(eps_fn, params["policy"], batch, uncond, **policy)
     log_pb = ddim.backward_logprob(batch.x_t, batch.x_s, batch.alpha_t, batch.alpha_s, reduction)
-    log_f_t, log_f_s = log_flows(flow_fn, params["flow"], batch, beta)
+    log_f_t, log_f_s = log_flows(
+        flow_fn, params["flow"], batch, beta, params.get("log_z"), reduction
+    )
     reg = proximal_penalty(eps, batch.eps)
     return log_p, log_pb, log_f_t, log_f_s, reg
 
@@ -98,7 +117,11 @@ def db_loss(
     reduction: str = "mean",
     reg_coef: float = 1.0,
 ) -> tuple[jax.Array, dict]:
-    """Return (mean of Δ² + λ_reg·reg, metrics); ``params`` = {"policy": …, "flow": …}."""
+    """Return (mean of Δ² + λ_reg·reg, metrics).
+
+    ``params`` = {"policy": …, "flow": …} and optionally "log_z" (a scalar: anchor the first
+    state's flow to the prior, ``log_flows``).
+    """
     log_p, log_pb, log_f_t, log_f_s, reg = _terms(
         eps_fn,
         flow_fn,

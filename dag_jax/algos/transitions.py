@@ -28,6 +28,7 @@ class Transitions:
     alpha_t: jax.Array  # (B,) ᾱ_t
     alpha_s: jax.Array  # (B,) ᾱ_s
     terminal: jax.Array  # (B,) bool, x_s is the final image latent
+    initial: jax.Array  # (B,) bool, x_t is the first state x_T (drawn from the N(0, I) prior)
     log_prob: jax.Array  # (B,) log p_old(x_s | x_t) stored at sampling
     eps: jax.Array  # (B, *x) guided ε̃_old(x_t) stored at sampling
     context: jax.Array  # (B, L, D) prompt embeddings
@@ -76,6 +77,7 @@ def from_trajectory(
         alpha_t=per_step(schedule.alpha_t[steps]),
         alpha_s=per_step(schedule.alpha_s[steps]),
         terminal=per_step(steps == schedule.num_steps - 1),
+        initial=per_step(steps == 0),
         log_prob=flat(traj.log_probs),
         eps=flat(traj.eps),
         context=per_traj(traj.context),

@@ -1,0 +1,162 @@
+"""Defaults shared by every experiment: the released settings of SPEC §10 for SD1.5.
+
+Not run on its own: each experiment file starts from ``base.get_config()`` and sets its reward,
+prompts and algorithm. Every key a run may set exists here, so a misspelt override
+(``--config.train.learnig_rate=…``) is an error rather than a silently ignored value.
+
+Size variants (applied by ``base.variant``):
+  (none)  the released SD1.5 settings (a TPU pod slice or a large GPU)
+  tiny    the built-in tiny random SD on a CPU: same math, batch and epochs scaled down (~1 min)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+TINY_PROMPTS = ("a red circle", "a blue square", "two green triangles", "a yellow star")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the full default config (SD1.5, DAG-DB, released hyper-parameters)."""
+    c = ml_collections.ConfigDict()
+    c.algo = "dag_db"  # ddpo | dag_db | dag_kl | b2
+    c.seed = 0
+    c.model = "runwayml/stable-diffusion-v1-5"  # diffusers folder, hub id, or random-tiny
+    c.revision = ""
+    c.variant = ""
+    c.dtype = "bfloat16"  # compute dtype; params, trajectories, flows, rewards stay fp32
+    c.attention = "xla"  # xla | jax | cudnn (fused flash attention on NVIDIA GPUs, bf16)
+    c.remat = True  # gradient checkpointing of the UNet blocks in the train step
+    c.resolution = 0  # latent side; 0 = the UNet's sample_size
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.name = "aesthetic"
+    c.reward.options = ml_collections.ConfigDict()  # keyword options of rewards.get
+
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.name = "simple_animals"  # a dag_jax.data.prompts set, or "inline"
+    c.prompts.root = ""  # folder with the canonical prompt files ("" = $DAG_JAX_PROMPTS/cache)
+    c.prompts.inline = ()  # the prompts when name == "inline"
+    c.prompts.negative = ""  # the unconditional prompt of CFG
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 50
+    c.sample.eta = 1.0
+    c.sample.guidance = 5.0
+    c.sample.trajectories = 512  # unique trajectories per epoch (global, over all hosts)
+    c.sample.chunk = 64  # trajectories per compiled sampling call (global)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 100
+    c.train.trajectories_per_step = 256  # trajectories (× their steps) per optimizer update
+    c.train.micro_batch = 64  # transitions per compiled train-step call (global)
+    c.train.learning_rate = 3e-4
+    c.train.weight_decay = 1e-4
+    c.train.max_grad_norm = 1.0
+    c.train.flow_learning_rate = 3e-4
+    c.train.flow_weight_decay = 1e-4
+    c.train.flow_max_grad_norm = 1.0
+    c.train.max_nonfinite = 5  # consecutive non-finite losses before the run stops
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 4
+    c.lora.alpha = 4.0
+
+    c.flow = ml_collections.ConfigDict()
+    c.flow.block_out_channels = (64, 128, 256, 256)
+    c.flow.layers_per_block = 1
+    c.flow.attention_heads = 8
+
+    c.dag = ml_collections.ConfigDict()
+    c.dag.beta = 100.0
+    c.dag.anneal_fraction = 0.5
+    c.dag.reg_coef = 1.0
+    c.dag.kl_coef = 1.0
+    c.dag.clip_range = 1e-4
+    c.dag.adv_clip = 5.0
+    c.dag.baseline_group = 8
+    c.dag.reduction = "mean"  # log-prob reduction over latent elements (release: mean)
+    # log F(x_T) = log Z + log N(x_T; 0, I) with a learned log Z (False: F(x_T) free, as released)
+    c.dag.anchor_initial_flow = True
+
+    c.ddpo = ml_collections.ConfigDict()
+    c.ddpo.clip_range = 1e-4
+    c.ddpo.adv_clip = 5.0
+    c.ddpo.tracker_buffer = 32
+    c.ddpo.tracker_min_count = 16
+    c.ddpo.inner_epochs = 1
+
+    c.b2 = ml_collections.ConfigDict()
+    c.b2.objective = "ddpo"  # ddpo | dag_db | dag_kl
+    c.b2.branches = 5
+    c.b2.prefixes = 256  # prefixes per stage (each grows `branches` branches)
+    c.b2.stages = 100
+    c.b2.low = 14  # shortest trained interval (steps)
+    c.b2.high = 20  # longest trained interval (steps)
+    c.b2.passes = 2  # optimisation passes over each stage's selected transitions
+    c.b2.history = 8
+    c.b2.threshold = 0.5
+    c.b2.clip_range = 0.1
+    c.b2.adv_clip = 5.0
+    c.b2.select = True  # best/worst selection (off by default for DAG objectives: see train.py)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_epochs = 1
+    c.checkpoint.max_to_keep = 3
+
+    c.log = ml_collections.ConfigDict()
+    c.log.grid_every_epochs = 10  # sample grids of fixed prompts and seeds (0: never)
+    c.log.grid_prompts = 4
+    c.log.grid_seeds = 4
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Scale ``c`` down to the built-in tiny random SD on a CPU (same math, ~1 minute)."""
+    c.model = "random-tiny"
+    c.prompts.name = "inline"
+    c.prompts.inline = TINY_PROMPTS
+    if not c.reward.name.startswith("jpeg_"):
+        # Stand-in until the tiny world ships a trained tiny CLIP (issue 7): the real reward
+        # models need their weights, which a CPU smoke run does not have.
+        c.reward.name = "jpeg_compressibility"
+        c.reward.options = ml_collections.ConfigDict()
+    c.dtype = "float32"
+    c.remat = False
+    c.resolution = 8
+    c.sample.steps = 4
+    c.sample.trajectories = 8
+    c.sample.chunk = 8
+    c.train.epochs = 2
+    c.train.trajectories_per_step = 4
+    c.train.micro_batch = 16
+    c.flow.block_out_channels = (32, 32)
+    c.flow.attention_heads = 4
+    c.dag.baseline_group = 4
+    c.ddpo.tracker_min_count = 2
+    c.b2.prefixes = 4
+    c.b2.branches = 2
+    c.b2.stages = 2
+    c.b2.low = 3
+    c.b2.high = 4
+    c.b2.passes = 1
+    c.log.grid_every_epochs = 1
+    c.log.grid_prompts = 2
+    c.log.grid_seeds = 2
+    return c
+
+
+VARIANTS = {"": lambda c: c, "tiny": tiny}
+
+
+def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Return ``c`` with the size variant ``arg`` applied ("" or None: unchanged)."""
+    name = (arg or "").strip()
+    if name not in VARIANTS:
+        raise ValueError(f"unknown config variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name](c)

@@ -1,0 +1,27 @@
+"""ImageReward (DAG): SD1.5 on the DrawBench training prompts (165; 18 held out for evaluation).
+
+    python -m dag_jax.train --config=configs/imagereward.py --workdir=runs/imagereward \
+        --config.reward.options.checkpoint=/path/to/ImageReward.pt \
+        --config.reward.options.med_config=/path/to/med_config.json \
+        --config.reward.options.tokenizer=/path/to/bert-base-uncased
+    python -m dag_jax.train --config=configs/imagereward.py:tiny --workdir=/tmp/imagereward
+
+Reward: ImageReward-v1.0, standardised (SPEC §8), scored on the host in PyTorch (see
+dag_jax/rewards/imagereward.py). Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2.
+Expected time: ~4 h on a TPU v4-32 / 8×A100; :tiny (~1 min, CPU) uses the JPEG stand-in.
+"""
+
+import runpy
+from pathlib import Path
+
+base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+
+
+def get_config(arg: str | None = None):
+    c = base["get_config"]()
+    c.reward.name = "imagereward"
+    c.reward.options.checkpoint = ""
+    c.reward.options.med_config = ""
+    c.reward.options.tokenizer = ""
+    c.prompts.name = "drawbench"
+    return base["variant"](c, arg)

@@ -1,0 +1,23 @@
+"""JPEG incompressibility (DDPO/DAG): make SD1.5 images hard to compress, on ImageNet animals.
+
+    python -m dag_jax.train --config=configs/incompressibility.py --workdir=runs/incompress
+    python -m dag_jax.train --config=configs/incompressibility.py:tiny --workdir=/tmp/incompress
+
+Reward: +(JPEG size in kB at quality 95), a host reward (PIL). Prompts: DDPO's ImageNet animal
+classes (``imagenet_animals``: set --config.prompts.root to a folder with imagenet_classes.txt
+when offline). Default objective DAG-DB; --config.algo=ddpo|dag_kl|b2 for the others.
+Expected time: ~3 h on a TPU v4-32 / 8×A100 at the released 100 epochs × 512 trajectories;
+the :tiny variant ~1 min on a laptop CPU (random tiny SD, inline prompts).
+"""
+
+import runpy
+from pathlib import Path
+
+base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+
+
+def get_config(arg: str | None = None):
+    c = base["get_config"]()
+    c.reward.name = "jpeg_incompressibility"
+    c.prompts.name = "imagenet_animals"
+    return base["variant"](c, arg)
