@@ -29,6 +29,11 @@ its state dict converted for the Linen UNet. Metrics per impl:
 config also records the 1-minute load average before and after the timed runs.
 Without torch/diffusers the torch reference is skipped with a message and the Linen UNet gets
 Flax's default random init.
+
+reward: images/s of each reward of ``dag_jax.rewards`` (``--reward=all`` or comma-separated names)
+on a batch of ``--batch`` random ``--image_size`` images, with random-weight towers in ``--model``
+shapes (``tiny`` or ``sd15-random``: CLIP ViT-L/14, OpenCLIP ViT-H-14, ImageReward's BLIP);
+JAX-native rewards jitted (compile_s apart), host rewards eager. See ``dag_jax/bench_reward.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import numpy as np
 from absl import app, flags
 
 from dag_jax import tiny
+from dag_jax.bench_reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.models.layers import ATTENTION_IMPLS
@@ -93,6 +99,8 @@ class Settings:
     seed: int = 0
     check: bool = False
     check_tol: float = 0.0  # relative L2 of ε̃; 0 = by dtype: 1e-4 (fp32) or 0.1 (bf16)
+    reward: str = "all"  # reward bench: "all" or comma-separated reward names
+    image_size: int = 0  # reward bench: image side; 0 = by model (tiny 64, sd15-random 512)
     json: str | None = None
 
     def impls(self) -> tuple[str, ...]:
@@ -531,7 +539,18 @@ def bench_sampler(settings: Settings) -> list[dict]:
 
 # --------------------------------------------------------------------------- registry and CLI
 
-BENCHES: dict[str, Callable[[Settings], list[dict]]] = {"sampler": bench_sampler}
+def bench_toy2d(settings: Settings) -> list[dict]:
+    """Return the records of the 2-D proof (``dag_jax.toy2d``; imported only when asked for)."""
+    from dag_jax import toy2d
+
+    return toy2d.bench_toy2d(settings)
+
+
+BENCHES: dict[str, Callable[[Settings], list[dict]]] = {
+    "sampler": bench_sampler,
+    "reward": bench_reward,
+    "toy2d": bench_toy2d,
+}
 
 
 def format_table(records: list[dict]) -> str:
@@ -588,6 +607,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "random seed")
     flags.DEFINE_bool("check", False, "assert both implementations give the same first-step eps")
     flags.DEFINE_float("check_tol", 0.0, "--check tolerance (relative L2 of eps); 0 = by dtype")
+    flags.DEFINE_string("reward", "all", "reward bench: 'all' or comma-separated reward names")
+    flags.DEFINE_integer("image_size", 0, "reward bench: image side; 0 = by --model")
     flags.DEFINE_string("json", None, "write the records to this JSON file")
 
 

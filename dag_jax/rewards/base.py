@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,11 @@ class Reward:
     ``host`` is the host scorer of a host reward (None for JAX-native ones): eager calls run it
     directly, so its errors (e.g. RewardError) surface as themselves instead of wrapped in a
     ``JaxRuntimeError`` from the callback.
+
+    Inside a compiled train step use ``bind_params(prompts)`` → ``fn(params, images, idx)`` and
+    pass ``reward.params`` (the reward model's weights) as an argument of the jitted function:
+    weights a function merely closes over are baked into the program as constants (gigabytes
+    for CLIP ViT-H). ``bind`` is the closed-over convenience form.
     """
 
     name: str
@@ -112,6 +118,15 @@ class Reward:
     jittable: bool
     config: dict = dataclasses.field(default_factory=dict)
     host: HostFn | None = None
+    params: Any = None
+    bind_params: Callable[[Sequence[str]], Callable] | None = None
+
+    def bound_with_params(self, prompt_list: Sequence[str]) -> Callable:
+        """Return ``fn(params, images, prompt_idx)`` (host rewards ignore ``params``)."""
+        if self.bind_params is not None:
+            return self.bind_params(prompt_list)
+        fn = self.bind(prompt_list)
+        return lambda params, images, prompt_idx: fn(images, prompt_idx)
 
     def __call__(self, images, prompts: Sequence[str]) -> jax.Array:
         """Return (B,) float32 scores of eager images in [0, 1] for their prompts."""
@@ -177,26 +192,41 @@ def _host_scores(name: str, fn: HostFn, images: np.ndarray, prompts: list[str]) 
 
 def jax_reward(
     name: str,
-    score: Callable[[jax.Array, jax.Array], jax.Array],
+    score: Callable[..., jax.Array],
     tokenize: Callable[[Sequence[str]], jax.Array] | None = None,
     config: dict | None = None,
+    params: Any = None,
 ) -> Reward:
     """Return a JAX-native Reward.
 
-    ``score(quantised_images, tokens)`` maps (B, H, W, 3) float images (already quantised) and
-    per-image prompt tokens (B, ...) to (B,) scores. ``tokenize(prompt_list)`` returns a (P, ...)
-    token table on the host (None for prompt-free rewards: ``tokens`` is then the index).
+    ``score(quantised_images, tokens)`` — or ``score(params, quantised_images, tokens)`` when
+    ``params`` (the reward model's weights) is given — maps (B, H, W, 3) float images (already
+    quantised) and per-image prompt tokens (B, ...) to (B,) scores. ``tokenize(prompt_list)``
+    returns a (P, ...) token table on the host (None for prompt-free rewards: ``tokens`` is then
+    the index).
     """
 
-    def bind(prompt_list: Sequence[str]) -> BoundFn:
-        table = None if tokenize is None else jnp.asarray(tokenize(list(prompt_list)))
+    def bind_params(prompt_list: Sequence[str]) -> Callable:
+        table = None if tokenize is None else np.asarray(tokenize(list(prompt_list)))
 
-        def bound(images: jax.Array, prompt_idx: jax.Array) -> jax.Array:
+        def bound(weights, images: jax.Array, prompt_idx: jax.Array) -> jax.Array:
             check_static(images, name, batch_dims=None)
             x = quantize(jax.lax.stop_gradient(images))
-            tokens = prompt_idx if table is None else table[prompt_idx]
-            return jax.lax.stop_gradient(score(x, tokens)).astype(jnp.float32)
+            tokens = prompt_idx if table is None else jnp.asarray(table)[prompt_idx]
+            out = score(x, tokens) if params is None else score(weights, x, tokens)
+            return jax.lax.stop_gradient(out).astype(jnp.float32)
 
         return bound
 
-    return Reward(name=name, bind=bind, jittable=True, config=dict(config or {}))
+    def bind(prompt_list: Sequence[str]) -> BoundFn:
+        fn = bind_params(prompt_list)
+        return lambda images, prompt_idx: fn(params, images, prompt_idx)
+
+    return Reward(
+        name=name,
+        bind=bind,
+        jittable=True,
+        config=dict(config or {}),
+        params=params,
+        bind_params=bind_params,
+    )

@@ -1,0 +1,464 @@
+"""Reward throughput benchmark: ``python -m dag_jax.bench reward`` (see ``dag_jax/bench.py``).
+
+    python -m dag_jax.bench reward --model=tiny --batch=8 --repeats=3 [--reward=all|NAME[,NAME]]
+    python -m dag_jax.bench reward --model=sd15-random --batch=32 --dtype=bfloat16
+
+Images/s of each reward of ``dag_jax.rewards`` on one batch of ``--batch`` uniform-noise images
+(``--image_size`` px square; 0 = 64 for ``tiny``, 512 = Stable Diffusion 1.5's output for
+``sd15-random``) with cycling prompts. JAX-native rewards (aesthetic, clipscore, hpsv2) run
+jitted, lowered and compiled once up front (``compile_s``, recorded apart): the same program as
+``jax.jit(reward.bind(prompts))`` (quantise, token-table gather, score) except that the weights
+enter as arguments (``aesthetic.aesthetic_parts``, ``clipscore.similarity_parts``) rather than
+as closed-over constants, which JAX would embed in the program (GBs for the real towers; see
+``rewards/aesthetic.py``). Host rewards (JPEG, ImageReward, BERTScore) run eagerly, as
+``reward(images, prompts)``.
+
+Towers, all with random weights and built without any download or weight file:
+
+- ``--model=tiny``: the shapes of ``tests/test_reward_models.py`` (``TINY_CLIP``: a CLIP with a
+  32 px, 2-layer, 48-wide vision tower and a 768-d projection, so the LAION-shaped head
+  applies; ``TINY_OPEN_CLIP``: a 32 px OpenCLIP ViT with the full 49408-token vocabulary) and
+  of ``tests/test_rewards.py`` for ImageReward (written to a temporary folder, since its
+  factory reads files: checkpoint, ``med_config.json`` and a small BERT ``vocab.txt``).
+- ``--model=sd15-random`` (the name the sampler bench uses for real shapes with random
+  weights): CLIP ViT-L/14 at 224 px (``VIT_L14_CLIP``, aesthetic), OpenCLIP ViT-H-14 at 224
+  px (clipscore; hpsv2 shares the same random tower, having the same architecture) and
+  ImageReward-v1.0's BLIP ViT-L/16 + BERT-base (a ~1.8 GB temporary safetensors file; on CUDA
+  when torch sees a GPU).
+
+The JAX towers are Flax-default random inits (``module.init``) handed to the rewards' building
+blocks; the aesthetic head is a random init of its 768→…→1 stack. The compute dtype is
+``--dtype`` (params fp32).
+The prompts are tokenized with OpenCLIP's BPE when the ``open_clip`` package is installed,
+else with made-up ids (the throughput does not depend on them).
+
+bertscore needs its captioning server: it is skipped with a message unless the environment
+variable ``DAG_JAX_BERTSCORE_URL`` gives the server's URL.
+
+Records ``{"bench": "reward", "impl": "dag_jax", "metric", "value", "unit", "config"}`` per
+reward, ``config["reward"]`` naming it:
+  images_per_s  batch / mean seconds of one scoring call (after ``--warmup`` untimed calls;
+                the rewards take turns, so load changes hit all alike)
+  batch_s       mean seconds of one call on the batch
+  compile_s     (JAX-native rewards) seconds to lower and compile the jitted scorer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dag_jax import rewards
+from dag_jax.rewards.base import Reward, RewardError, quantize
+
+REWARD_MODELS = ("tiny", "sd15-random")
+IMAGE_SIDE = {"tiny": 64, "sd15-random": 512}
+BERTSCORE_URL_ENV = "DAG_JAX_BERTSCORE_URL"
+PROMPTS = (
+    "a photo of a cat",
+    "an astronaut riding a horse on the moon, highly detailed",
+    "a red bicycle leaning against a brick wall",
+    "a watercolor painting of a lighthouse at dawn",
+)
+
+# transformers CLIPConfig dicts (text_config / vision_config / projection_dim).
+TINY_CLIP = {
+    "projection_dim": 768,
+    "text_config": dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        vocab_size=49408,  # CLIP's, so transformers' default BOS/EOS ids are in range
+        hidden_act="quick_gelu",
+    ),
+    "vision_config": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    ),
+}
+VIT_L14_CLIP = {  # openai/clip-vit-large-patch14
+    "projection_dim": 768,
+    "text_config": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act="quick_gelu",
+    ),
+    "vision_config": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="quick_gelu",
+    ),
+}
+# OpenCLIP model configs: ViT-H-14's settings with tiny sizes (full vocabulary, so OpenCLIP's
+# real tokenizer applies), and ViT-H-14 itself.
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": dict(image_size=32, layers=2, width=48, head_width=12, patch_size=8),
+    "text_cfg": dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+}
+FULL_OPEN_CLIP = "ViT-H-14"
+# ImageReward (BLIP ViT + BERT with cross-attention + MLP head) sizes.
+TINY_IMAGEREWARD = dict(
+    vit_width=64,
+    vit_layers=2,
+    image_size=32,
+    patch_size=16,
+    bert_width=32,
+    bert_layers=2,
+    bert_heads=2,
+    bert_intermediate=48,
+    max_positions=40,
+    vocab=None,  # a small vocab.txt of a few words, as tests/test_rewards.py
+    head=(32, 24, 16, 8, 4, 1),
+)
+FULL_IMAGEREWARD = dict(  # ImageReward-v1.0: BLIP ViT-L/16 at 224 px + bert-base
+    vit_width=1024,
+    vit_layers=24,
+    image_size=224,
+    patch_size=16,
+    bert_width=768,
+    bert_layers=12,
+    bert_heads=12,
+    bert_intermediate=3072,
+    max_positions=512,
+    vocab=30522,
+    head=(768, 1024, 128, 64, 16, 1),
+)
+
+
+def reward_names(selection: str) -> list[str]:
+    """Return the rewards named by ``--reward``: "all" or comma-separated registered names."""
+    if selection == "all":
+        return rewards.names()
+    names = [n.strip() for n in selection.split(",") if n.strip()]
+    unknown = [n for n in names if n not in rewards.names()]
+    if unknown or not names:
+        raise ValueError(
+            f"--reward must be 'all' or comma-separated names of {rewards.names()}, "
+            f"got {selection!r}"
+        )
+    return names
+
+
+def image_side(settings) -> int:
+    """Return the side of the benchmark images (``--image_size``, else by model)."""
+    return settings.image_size or IMAGE_SIDE[settings.model]
+
+
+def random_clip(config, dtype: str, seed: int):
+    """Return (Linen CLIPModel, random params on device) of a CLIPConfig dict (or OpenCLIP cfg).
+
+    ``config`` is a transformers CLIPConfig dict, or an OpenCLIP model config (name or dict,
+    with ``embed_dim``) converted by ``weights.open_clip.clip_config_from_open_clip``.
+    """
+    from dag_jax.weights.clip_loader import build_clip
+    from dag_jax.weights.open_clip import clip_config_from_open_clip
+
+    if isinstance(config, str) or "embed_dim" in config:
+        config = clip_config_from_open_clip(config)
+    module, _ = build_clip(config, jnp.dtype(dtype))
+    cfg = module.config
+    ids = jnp.zeros((1, cfg.text.max_position_embeddings), jnp.int32)
+    size = cfg.vision.image_size
+    pixels = jnp.zeros((1, 3, size, size), jnp.float32)
+    params = jax.jit(module.init)(jax.random.key(seed), ids, pixels)["params"]
+    return module, params
+
+
+def random_head(seed: int) -> dict:
+    """Return random params of the aesthetic head (the LAION head's shapes)."""
+    from dag_jax.rewards.aesthetic_head import AestheticHead
+
+    return AestheticHead().init(jax.random.key(seed), jnp.zeros((1, 768)))["params"]
+
+
+def synthetic_tokenizer(context_length: int = 77, vocab: int = 49408) -> Callable:
+    """Return a stand-in for OpenCLIP's tokenizer: BOS, made-up ids by word, EOS, 0-padding."""
+
+    def tokenize(prompts):
+        out = np.zeros((len(prompts), context_length), np.int32)
+        for row, prompt in enumerate(prompts):
+            words = prompt.split()[: context_length - 2]
+            ids = [vocab - 2, *(1 + (sum(map(ord, w)) % (vocab - 3)) for w in words), vocab - 1]
+            out[row, : len(ids)] = ids
+        return out
+
+    return tokenize
+
+
+def clip_tokenizer(vocab: int):
+    """Return OpenCLIP's tokenizer (from the installed package's BPE) or a synthetic one."""
+    from dag_jax.rewards import clipscore
+
+    if clipscore.open_clip_bpe_path() is not None:
+        return clipscore.load_tokenizer(None)
+    print("[bench] open_clip is not installed: clipscore/hpsv2 get made-up token ids")
+    return synthetic_tokenizer(vocab=vocab)
+
+
+# --------------------------------------------------------------------------- ImageReward files
+
+
+def write_imagereward(folder: Path, sizes: dict, seed: int) -> dict:
+    """Write a random ImageReward checkpoint (original keys), med_config and vocab; return paths.
+
+    The state dict has ImageReward-v1.0's layout (``blip.visual_encoder.*``,
+    ``blip.text_encoder.*``, ``mlp.layers.*``) at the given sizes, as safetensors.
+    """
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_rows = _write_vocab(folder / "tok", sizes["vocab"]) + 2  # + [DEC], [ENC]
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+
+    def linear(name: str, out_f: int, in_f: int) -> None:
+        state[name + ".weight"] = (0.02 * rng.standard_normal((out_f, in_f))).astype(np.float32)
+        state[name + ".bias"] = np.zeros(out_f, np.float32)
+
+    def norm(name: str, width: int) -> None:
+        state[name + ".weight"] = np.ones(width, np.float32)
+        state[name + ".bias"] = np.zeros(width, np.float32)
+
+    d, p, s = sizes["vit_width"], sizes["patch_size"], sizes["image_size"]
+    v = "blip.visual_encoder."
+    state[v + "cls_token"] = (0.02 * rng.standard_normal((1, 1, d))).astype(np.float32)
+    n_pos = (s // p) ** 2 + 1
+    state[v + "pos_embed"] = (0.02 * rng.standard_normal((1, n_pos, d))).astype(np.float32)
+    state[v + "patch_embed.proj.weight"] = (0.02 * rng.standard_normal((d, 3, p, p))).astype(
+        np.float32
+    )
+    state[v + "patch_embed.proj.bias"] = np.zeros(d, np.float32)
+    for i in range(sizes["vit_layers"]):
+        b = f"{v}blocks.{i}."
+        norm(b + "norm1", d)
+        linear(b + "attn.qkv", 3 * d, d)
+        linear(b + "attn.proj", d, d)
+        norm(b + "norm2", d)
+        linear(b + "mlp.fc1", 4 * d, d)
+        linear(b + "mlp.fc2", d, 4 * d)
+    norm(v + "norm", d)
+    h, inter = sizes["bert_width"], sizes["bert_intermediate"]
+    t = "blip.text_encoder."
+    emb = (0.02 * rng.standard_normal((vocab_rows, h))).astype(np.float32)
+    state[t + "embeddings.word_embeddings.weight"] = emb
+    pos = (0.02 * rng.standard_normal((sizes["max_positions"], h))).astype(np.float32)
+    state[t + "embeddings.position_embeddings.weight"] = pos
+    norm(t + "embeddings.LayerNorm", h)
+    for i in range(sizes["bert_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv_width in (("attention", h), ("crossattention", d)):
+            linear(f"{b}{att}.self.query", h, h)
+            linear(f"{b}{att}.self.key", h, kv_width)
+            linear(f"{b}{att}.self.value", h, kv_width)
+            linear(f"{b}{att}.output.dense", h, h)
+            norm(f"{b}{att}.output.LayerNorm", h)
+        linear(b + "intermediate.dense", inter, h)
+        linear(b + "output.dense", h, inter)
+        norm(b + "output.LayerNorm", h)
+    widths = sizes["head"]
+    for idx, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:])):
+        linear(f"mlp.layers.{idx}", fan_out, fan_in)
+    save_file(state, str(folder / "ImageReward.safetensors"))
+    med = {"num_attention_heads": sizes["bert_heads"], "layer_norm_eps": 1e-12}
+    (folder / "med_config.json").write_text(json.dumps({**med, "hidden_act": "gelu"}))
+    return {
+        "checkpoint": folder / "ImageReward.safetensors",
+        "med_config": folder / "med_config.json",
+        "tokenizer": folder / "tok",
+    }
+
+
+def _write_vocab(folder: Path, size: int | None) -> int:
+    """Write a BERT ``vocab.txt`` (a few words, or ``size`` made-up tokens); return its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = {w for prompt in PROMPTS for w in prompt.replace(",", " ").split()}
+    tokens += sorted(words) + [",", *"abcdefghijklmnopqrstuvwxyz"]
+    tokens = list(dict.fromkeys(tokens))  # a word may also be a letter
+    if size is not None:
+        tokens += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+        tokens += [f"[unused{i}]" for i in range(size - len(tokens))]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    return len(tokens)
+
+
+# --------------------------------------------------------------------------- building rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxScorer:
+    """A JAX-native reward's score with explicit weights (see ``aesthetic_parts``)."""
+
+    fn: Callable  # (weights, quantised images, tokens) -> (B,) scores
+    weights: object
+    tokenize: Callable | None  # prompts -> (P, L) ids; None: prompts play no part
+    config: dict
+    jittable: bool = True
+
+
+def build_reward(name: str, settings, tmp: Path, cache: dict) -> Reward | JaxScorer | None:
+    """Return reward ``name`` with random weights in the ``settings.model`` shapes, or None.
+
+    None (with a printed reason) when it cannot run here. ``cache`` shares the random ViT-H
+    tower between clipscore and hpsv2.
+    """
+    full = settings.model == "sd15-random"
+    dtype = settings.dtype
+    if name in ("jpeg_compressibility", "jpeg_incompressibility"):
+        return rewards.get(name)
+    if name == "aesthetic":
+        from dag_jax.rewards.aesthetic import aesthetic_parts
+
+        module, params = random_clip(VIT_L14_CLIP if full else TINY_CLIP, dtype, settings.seed)
+        config = {"towers": "random CLIP ViT-L/14" if full else "random tiny CLIP"}
+        fn, weights = aesthetic_parts(module, params, random_head(settings.seed), "pil")
+        return JaxScorer(fn, weights, None, config)
+    if name in ("clipscore", "hpsv2"):
+        from dag_jax.rewards.clipscore import similarity_parts
+
+        if "open_clip" not in cache:
+            spec = FULL_OPEN_CLIP if full else TINY_OPEN_CLIP
+            module, params = random_clip(spec, dtype, settings.seed + 1)
+            cache["open_clip"] = (module, params, clip_tokenizer(module.config.text.vocab_size))
+        module, params, tok = cache["open_clip"]
+        config = {"towers": "random OpenCLIP ViT-H-14" if full else "random tiny OpenCLIP"}
+        fn, weights, tokenize = similarity_parts(name, module, params, tok, "pil")
+        return JaxScorer(fn, weights, tokenize, config)
+    if name == "imagereward":
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"[bench] skipping imagereward: {', '.join(missing)} not installed")
+            return None
+        import torch
+
+        sizes = FULL_IMAGEREWARD if full else TINY_IMAGEREWARD
+        files = write_imagereward(tmp / "imagereward", sizes, settings.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return rewards.get(
+            "imagereward",
+            **{k: str(v) for k, v in files.items()},
+            device=device,
+            batch_size=max(settings.batch, 1),
+        )
+    if name == "bertscore":
+        url = os.environ.get(BERTSCORE_URL_ENV)
+        if not url:
+            print(
+                f"[bench] skipping bertscore: it needs its captioning server; set "
+                f"{BERTSCORE_URL_ENV}=http://host:port to benchmark it"
+            )
+            return None
+        return rewards.get("bertscore", url=url)
+    print(f"[bench] skipping {name}: no random-weight setup for it in the reward bench")
+    return None
+
+
+def prepare(reward: Reward | JaxScorer, images: np.ndarray, prompts: list[str]):
+    """Return (blocking call scoring the batch, compile seconds or None for host rewards)."""
+    if isinstance(reward, Reward):
+        return (lambda: np.asarray(reward(images, prompts))), None
+    unique = sorted(set(prompts))
+    idx = jnp.asarray([unique.index(p) for p in prompts], jnp.int32)
+    table = None if reward.tokenize is None else jnp.asarray(reward.tokenize(unique))
+    x = jax.device_put(jnp.asarray(images))
+
+    def run(weights, images, table, idx):  # what reward.bind(unique) does, weights as an arg
+        tokens = idx if table is None else table[idx]
+        return reward.fn(weights, quantize(images), tokens)
+
+    args = (reward.weights, x, table, idx)
+    start = time.perf_counter()
+    compiled = jax.jit(run).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    return (lambda: jax.block_until_ready(compiled(*args))), compile_s
+
+
+def bench_reward(settings) -> list[dict]:
+    """Return images/s (and compile time) records of the rewards named by ``settings.reward``."""
+    from dag_jax.bench import machine_info, record, timed_runs
+
+    if settings.model not in REWARD_MODELS:
+        raise ValueError(f"--model must be one of {REWARD_MODELS}, got {settings.model!r}")
+    names = reward_names(settings.reward)
+    side = image_side(settings)
+    rng = np.random.default_rng(settings.seed)
+    images = rng.random((settings.batch, side, side, 3), dtype=np.float32)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings.batch)]
+    base = {**dataclasses.asdict(settings), "image_size": side}
+    base.pop("json", None)
+    base.update(machine_info())
+
+    calls, compile_s, configs = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="dag_jax_bench_reward_") as tmp:
+        cache: dict = {}
+        for name in names:
+            try:
+                reward = build_reward(name, settings, Path(tmp), cache)
+            except RewardError as err:
+                print(f"[bench] skipping {name}: {err}")
+                continue
+            if reward is None:
+                continue
+            calls[name], compile_s[name] = prepare(reward, images, prompts)
+            configs[name] = {**base, "reward": name, "jittable": reward.jittable}
+            configs[name].update({k: v for k, v in reward.config.items() if k == "towers"})
+        base["loadavg_1min_before"] = os.getloadavg()[0]
+        runs = timed_runs(calls, settings.repeats, settings.warmup) if calls else {}
+        loadavg_after = os.getloadavg()[0]
+
+    records = []
+    for name, times in runs.items():
+        config = {
+            **configs[name],
+            "loadavg_1min_before": base["loadavg_1min_before"],
+            "loadavg_1min_after": loadavg_after,
+        }
+        mean = float(np.mean(times))
+        records.append(
+            record("reward", "dag_jax", "images_per_s", settings.batch / mean, "img/s", config)
+        )
+        records.append(record("reward", "dag_jax", "batch_s", mean, "s", config))
+        if compile_s[name] is not None:
+            records.append(record("reward", "dag_jax", "compile_s", compile_s[name], "s", config))
+    print(summary(records))
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    """Return a per-reward table (reward, images/s, batch s, compile s) of the records."""
+    by_reward: dict[str, dict[str, float]] = {}
+    for r in records:
+        by_reward.setdefault(r["config"]["reward"], {})[r["metric"]] = r["value"]
+    rows = [("reward", "images/s", "batch s", "compile s")]
+    for name, m in by_reward.items():
+        comp = f"{m['compile_s']:.3g}" if "compile_s" in m else "-"
+        rows.append((name, f"{m['images_per_s']:.4g}", f"{m['batch_s']:.4g}", comp))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "[bench] reward summary\n" + "\n".join(lines)
