@@ -41,27 +41,27 @@ class Toy2DConfig:
     background_std: float = 3.0
     radius: float = 2.0
     mode_std: float = 0.2
-    steps: int = 20
+    steps: int = 50
     pretrain_steps: int = 4000
     pretrain_batch: int = 512
-    epochs: int = 60
-    trajectories: int = 256
+    epochs: int = 150
+    trajectories: int = 512
     minibatch: int = 1024
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     flow_learning_rate: float = 3e-3
     beta: float = 1.0
-    anneal_fraction: float = 0.3
+    anneal_fraction: float = 0.0
     reg_coef: float = 0.0
     kl_coef: float = 1.0
-    ppo_clip: float = 0.1
-    flow_warmup_epochs: int = 20
-    forward_looking: bool = True  # False: plain DB/KL (state rewards 0 but the terminal r)
-    anchor_initial_flow: bool = True  # log F(x_T) = log Z + log N(x_T) (False: the release)
+    ppo_clip: float = 0.2
+    flow_warmup_epochs: int = 30
     baseline_group: int = 8
     b2_branches: int = 5
     eval_samples: int = 20000
     grid: int = 60
     seed: int = 0
+    forward_looking: bool = True  # False: plain DB/KL (state rewards 0 but the terminal r)
+    anchor_initial_flow: bool = True  # log F(x_T) = log Z + log N(x_T) (False: the release)
 
     @property
     def weights(self) -> np.ndarray:

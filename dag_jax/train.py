@@ -1,0 +1,843 @@
+"""Train: ``python -m dag_jax.train --config=configs/imagereward.py --workdir=DIR``.
+
+One epoch (one B² stage) reads top to bottom:
+
+  1. sample   trajectories of the current policy (``sample.trajectories`` per epoch, in compiled
+              chunks; B²: prefixes to the interval start, then ``b2.branches`` branches each);
+  2. reward   the final images (a jitted JAX reward, or a host reward on the gathered images);
+  3. advantages / selection   DDPO: per-prompt standardisation; B²: history z-scores and
+              best/worst selection; DAG: none (the reward enters through the flow);
+  4. update   per window of ``train.trajectories_per_step`` trajectories: (DAG) forward-looking
+              rewards of every state with the current θ, then all the window's transitions,
+              shuffled, in micro-batches whose gradients are accumulated into one AdamW update;
+  5. log and checkpoint.
+
+Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
+sample indices, so any mesh shape and any restart gives the same numbers. Workdir contents:
+see README.md ("The workdir").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dag_jax import parallel, rewards
+from dag_jax.algos import b2, dag, ddpo
+from dag_jax.algos.optim import GroupConfig, make_optimizer
+from dag_jax.algos.stats import PerPromptStatTracker
+from dag_jax.algos.transitions import Transitions, from_trajectory, take
+from dag_jax.checkpoint import Checkpointer
+from dag_jax.diffusion.sampler import Trajectory, branch_rollout, rollout, sample_keys
+from dag_jax.diffusion.schedule import Schedule, make_schedule
+from dag_jax.metrics import MetricsWriter, ProgressLine
+from dag_jax.models.flow import FlowConfig, FlowNetwork
+from dag_jax.models.lora import LoRAConfig, init_lora
+from dag_jax.pipeline import Pipeline
+
+log = logging.getLogger("dag_jax.train")
+ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
+
+
+class ConfigError(ValueError):
+    """The config names something that does not exist or cannot work together."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive updates had a non-finite loss."""
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    """Return configs/base.py's defaults (the set of keys a config may have)."""
+    import runpy
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+    if base.exists():
+        return runpy.run_path(str(base))["get_config"]()
+    return None
+
+
+def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict) and k not in ("options",):
+            out.update(_flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise ConfigError naming the first problem, before anything is built or compiled."""
+    default = _default_config()
+    if default is not None:
+        unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(default)))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    if config.algo not in ALGOS:
+        raise ConfigError(f"config.algo must be one of {ALGOS}, got {config.algo!r}")
+    if config.b2.objective not in B2_OBJECTIVES:
+        raise ConfigError(f"config.b2.objective must be one of {B2_OBJECTIVES}")
+    if config.reward.name not in rewards.names():
+        raise ConfigError(
+            f"unknown reward {config.reward.name!r}; known rewards: {', '.join(rewards.names())}"
+        )
+    model = str(config.model)
+    if model != "random-tiny" and (
+        model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
+    ):
+        if not Path(model).expanduser().exists():
+            raise ConfigError(f"config.model: no such folder {model!r}")
+    c = config
+    _divides("sample.chunk", c.sample.chunk, "the device count", num_devices)
+    _divides("train.micro_batch", c.train.micro_batch, "the device count", num_devices)
+    if c.algo == "b2":
+        _divides("b2.prefixes", c.b2.prefixes, "the device count", num_devices)
+        if not 1 <= c.b2.low <= c.b2.high <= c.sample.steps:
+            raise ConfigError(
+                f"need 1 <= b2.low ({c.b2.low}) <= b2.high ({c.b2.high}) <= "
+                f"sample.steps ({c.sample.steps})"
+            )
+    else:
+        _divides("sample.trajectories", c.sample.trajectories, "sample.chunk", c.sample.chunk)
+        _divides(
+            "sample.trajectories",
+            c.sample.trajectories,
+            "train.trajectories_per_step",
+            c.train.trajectories_per_step,
+        )
+    if _objective(c) == "dag_kl":
+        _divides(
+            "train.micro_batch", c.train.micro_batch, "dag.baseline_group", c.dag.baseline_group
+        )
+    if c.train.epochs < 1:
+        raise ConfigError("train.epochs must be >= 1")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not Path(model).exists()
+
+
+def _divides(name: str, value: int, what: str, by: int) -> None:
+    if by <= 0 or value <= 0 or value % by:
+        raise ConfigError(f"config {name}={value} is not divisible by {what} ({by})")
+
+
+def _objective(c) -> str:
+    """Return the loss an algo trains with (B² has its own choice)."""
+    return c.b2.objective if c.algo == "b2" else c.algo
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class Model:
+    """Everything static a run computes with: modules, schedule, frozen params, prompts."""
+
+    pipe: Pipeline
+    flow: FlowNetwork
+    lora: LoRAConfig
+    schedule: Schedule
+    frozen: dict  # {"unet", "vae", "text_encoder"} fp32, sharded
+    prompts: list[str]
+    prompt_ids: np.ndarray  # (P, L) int32 token ids
+    uncond: jax.Array  # (1, L, D) embedding of the negative prompt
+    reward: rewards.Reward
+    latent_shape: tuple[int, int, int]
+
+    def eps_fn(self, policy, x, t, ctx):
+        """Return the adapted UNet's output; ``policy`` = {"base": unet params, "lora": …}."""
+        variables = {"params": policy["base"], "lora": policy["lora"]}
+        return self.pipe.unet.apply(variables, x, t, ctx).sample
+
+    def flow_fn(self, flow_params, x, t, ctx):
+        """Return F̃_φ(x, t, c), (B,) fp32."""
+        return self.flow.apply({"params": flow_params}, x, t, ctx)
+
+    @staticmethod
+    def policy_of(frozen: dict, trainable: dict) -> dict:
+        """Return the policy params {"base": frozen UNet, "lora": trainable LoRA}."""
+        return {"base": frozen["unet"], "lora": trainable["lora"]}
+
+
+def load_model(config, mesh) -> Model:
+    """Return the Model: pipeline (loaded or random-tiny), flow, prompts, reward."""
+    import dag_jax
+    from dag_jax import tiny
+
+    dtype = jnp.dtype(config.dtype)
+    if config.model == "random-tiny":
+        pipe = tiny.random_tiny_pipeline(config.seed)
+        pipe = dataclasses.replace(
+            pipe,
+            unet=pipe.unet.clone(dtype=dtype, remat=config.remat),
+            vae=pipe.vae.clone(dtype=dtype),
+        )
+    else:
+        pipe = dag_jax.load_pipeline(
+            config.model,
+            dtype=dtype,
+            variant=config.variant or None,
+            revision=config.revision or None,
+            remat=config.remat,
+        )
+    lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
+    pipe = dataclasses.replace(
+        pipe, unet=pipe.unet.clone(lora_scale=lora.scale, attention_impl=config.attention)
+    )
+    side = config.resolution or pipe.unet.config.sample_size
+    latent_shape = (pipe.unet.config.in_channels, side, side)
+    flow = FlowNetwork(
+        FlowConfig(
+            in_channels=pipe.unet.config.in_channels,
+            cross_attention_dim=pipe.unet.config.cross_attention_dim,
+            block_out_channels=tuple(config.flow.block_out_channels),
+            down_block_types=_flow_blocks(len(config.flow.block_out_channels)),
+            layers_per_block=config.flow.layers_per_block,
+            attention_heads=config.flow.attention_heads,
+            norm_num_groups=min(32, min(config.flow.block_out_channels)),
+        ),
+        dtype=dtype,
+    )
+    prompts = load_prompts(config)
+    frozen = parallel.put(pipe.params, parallel.fsdp_shardings(mesh, pipe.params))
+    prompt_ids = pipe.encode_prompt_ids(prompts)
+    neg = jnp.asarray(pipe.encode_prompt_ids([config.prompts.negative]))
+    uncond = jax.jit(pipe.encode_text)(frozen["text_encoder"], neg)
+    reward = rewards.get(config.reward.name, **dict(config.reward.options))
+    return Model(
+        pipe=pipe,
+        flow=flow,
+        lora=lora,
+        schedule=make_schedule(pipe.scheduler_config, config.sample.steps),
+        frozen=frozen,
+        prompts=prompts,
+        prompt_ids=prompt_ids,
+        uncond=uncond,
+        reward=reward,
+        latent_shape=latent_shape,
+    )
+
+
+def _flow_blocks(n: int) -> tuple[str, ...]:
+    """Return the flow's down-block types: cross-attention except in the last block."""
+    return ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",) if n > 1 else ("DownBlock2D",)
+
+
+def load_prompts(config) -> list[str]:
+    """Return the training prompts of the config (a named set's train split, or inline)."""
+    if config.prompts.name == "inline":
+        prompts = [str(p) for p in config.prompts.inline]
+        if not prompts:
+            raise ConfigError("config.prompts.inline is empty")
+        return prompts
+    from dag_jax.data import prompts as prompt_sets
+
+    root = config.prompts.root or None
+    return list(prompt_sets.load(config.prompts.name, root=root).train)
+
+
+def init_trainable(model: Model, config, key: jax.Array) -> dict:
+    """Return the trainable tree {"lora": …, "flow": …} (flow only for DAG objectives)."""
+    k_lora, k_flow = jax.random.split(key)
+    out = {"lora": init_lora(k_lora, model.frozen["unet"], model.lora)}
+    if _objective(config).startswith("dag"):
+        c, s = model.latent_shape[0], model.latent_shape[1]
+        d = model.pipe.unet.config.cross_attention_dim
+        out["flow"] = model.flow.init(
+            k_flow, jnp.zeros((1, c, s, s)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, d))
+        )["params"]
+        if config.dag.anchor_initial_flow:
+            out["log_z"] = jnp.zeros((), jnp.float32)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), out)
+
+
+def make_tx(config, trainable: dict):
+    """Return AdamW with per-group clipping (LoRA and flow separately, as the DAG release)."""
+    t = config.train
+    groups = {"lora": GroupConfig(t.learning_rate, t.weight_decay, t.max_grad_norm or None)}
+    if "flow" in trainable:
+        groups["flow"] = GroupConfig(
+            config.train.flow_learning_rate,
+            config.train.flow_weight_decay,
+            config.train.flow_max_grad_norm or None,
+        )
+    if "log_z" in trainable:
+        groups["log_z"] = GroupConfig(config.train.flow_learning_rate, 0.0, None)
+    return make_optimizer(groups)
+
+
+# --------------------------------------------------------------------------- compiled phases
+
+
+def _put(mesh, array: np.ndarray, batch_axis: bool = True) -> jax.Array:
+    """Return a global array of a host array every process holds in full."""
+    sharding = parallel.batch_sharding(mesh, array.ndim) if batch_axis else None
+    return parallel.put(array, sharding or parallel.replicated(mesh))
+
+
+@dataclasses.dataclass
+class Phases:
+    """The compiled functions of a run (built once; shapes are fixed by the config)."""
+
+    sample: Any
+    prefix: Any
+    branches: Any
+    fl_rewards: Any
+    grad_step: Any
+    apply: Any
+    grid: Any
+
+
+def build_phases(model: Model, config, tx) -> Phases:
+    """Return the jitted phase functions, closed over the static model and config."""
+    c = config
+    objective = _objective(c)
+    schedule = model.schedule
+    bound = model.reward.bound_with_params(model.prompts)
+    policy_kw = dict(guidance=c.sample.guidance, eta=c.sample.eta, reduction=c.dag.reduction)
+    if objective == "ddpo":
+        policy_kw["reduction"] = "mean"
+
+    def context_of(frozen, ids):
+        return model.pipe.encode_text(frozen["text_encoder"], ids)
+
+    def initial(keys):
+        shape = model.latent_shape
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1 << 30), shape))(keys)
+
+    def images_of(frozen, latents):
+        return model.pipe.decode_images(frozen["vae"], latents)
+
+    def from_noise(frozen, trainable, ids, keys, eta, num_steps=None):
+        ctx = context_of(frozen, ids)
+        traj = rollout(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            initial(keys),
+            ctx,
+            model.uncond,
+            schedule,
+            keys,
+            guidance=c.sample.guidance,
+            eta=eta,
+            num_steps=num_steps,
+            reduction=policy_kw["reduction"],
+        )
+        return traj, ctx
+
+    @jax.jit
+    def sample(frozen, trainable, ids, idx, ekey):
+        traj, _ = from_noise(frozen, trainable, ids, sample_keys(ekey, idx), c.sample.eta)
+        return traj, images_of(frozen, traj.final)
+
+    @functools.partial(jax.jit, static_argnums=5)
+    def prefix(frozen, trainable, ids, idx, ekey, start):
+        keys = sample_keys(ekey, idx)
+        if start == 0:
+            return initial(keys), context_of(frozen, ids), keys
+        traj, ctx = from_noise(frozen, trainable, ids, keys, c.sample.eta, num_steps=start)
+        return traj.final, ctx, keys
+
+    @functools.partial(jax.jit, static_argnums=(5, 6))
+    def branches(frozen, trainable, x, ctx, keys, start, length):
+        traj = branch_rollout(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            x,
+            ctx,
+            model.uncond,
+            schedule,
+            keys,
+            c.b2.branches,
+            start=start,
+            num_steps=length,
+            guidance=c.sample.guidance,
+            eta=c.sample.eta,
+            reduction=policy_kw["reduction"],
+        )
+        return traj, images_of(frozen, traj.final)
+
+    @jax.jit
+    def fl_rewards(frozen, trainable, reward_params, traj: Trajectory, prompt_idx):
+        k = traj.log_probs.shape[1]
+        alpha_t = schedule.alpha_t[traj.start : traj.start + k]
+        score = lambda x0: bound(reward_params, images_of(frozen, x0), prompt_idx)
+        return dag.forward_looking_rewards(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            traj.latents,
+            traj.timesteps,
+            alpha_t,
+            traj.context,
+            score,
+            schedule.prediction_type,
+        )
+
+    def loss_fn(trainable, frozen, batch: Transitions, beta):
+        params = {"policy": model.policy_of(frozen, trainable), "flow": trainable.get("flow")}
+        if "log_z" in trainable:
+            params["log_z"] = trainable["log_z"]
+        if objective == "ddpo":
+            d = c.b2 if c.algo == "b2" else c.ddpo
+            return ddpo.ddpo_loss(
+                model.eps_fn,
+                params["policy"],
+                batch,
+                model.uncond,
+                clip_range=d.clip_range,
+                adv_clip=d.adv_clip,
+                **policy_kw,
+            )
+        args = (model.eps_fn, model.flow_fn, params, batch, model.uncond, beta)
+        if objective == "dag_db":
+            return dag.db_loss(*args, reg_coef=c.dag.reg_coef, **policy_kw)
+        return dag.kl_loss(
+            *args,
+            reg_coef=c.dag.reg_coef,
+            kl_coef=c.dag.kl_coef,
+            clip_range=c.dag.clip_range,
+            adv_clip=c.dag.adv_clip,
+            baseline_group=c.dag.baseline_group,
+            **policy_kw,
+        )
+
+    @jax.jit
+    def grad_step(trainable, frozen, batch, beta, grad_sum):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, batch, beta
+        )
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    @jax.jit
+    def apply(trainable, opt_state, grad_sum, count, finite):
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new = jax.tree.map(jnp.add, trainable, updates)
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        return keep(new, trainable), keep(new_opt, opt_state)
+
+    @jax.jit
+    def grid(frozen, trainable, ids, idx):
+        keys = sample_keys(jax.random.key(c.seed + 12345), idx)
+        traj, _ = from_noise(frozen, trainable, ids, keys, 0.0)
+        return images_of(frozen, traj.final)
+
+    return Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid)
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries from epoch to epoch (all of it is checkpointed)."""
+
+    epoch: int
+    trainable: dict
+    opt_state: Any
+    updates: int = 0
+    trajectories_seen: int = 0
+    unique_trajectories: int = 0
+    nonfinite_streak: int = 0
+    tracker: PerPromptStatTracker = dataclasses.field(default_factory=PerPromptStatTracker)
+    history: b2.RewardHistory = dataclasses.field(default_factory=b2.RewardHistory)
+
+    def extra(self) -> dict:
+        """Return the JSON-serialisable part of the state."""
+        return {
+            "epoch": self.epoch,
+            "updates": self.updates,
+            "trajectories_seen": self.trajectories_seen,
+            "unique_trajectories": self.unique_trajectories,
+            "nonfinite_streak": self.nonfinite_streak,
+            "tracker": self.tracker.state_dict(),
+            "history": self.history.state_dict(),
+        }
+
+    def load_extra(self, extra: dict) -> None:
+        """Restore the JSON-serialisable part of the state."""
+        for name in ("epoch", "updates", "trajectories_seen", "unique_trajectories"):
+            setattr(self, name, int(extra[name]))
+        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
+        self.tracker.load_state_dict(extra["tracker"])
+        self.history.load_state_dict(extra["history"])
+
+
+def host_rng(config, epoch: int, purpose: int) -> np.random.Generator:
+    """Return the host RNG of one epoch and purpose (same on every host and every restart)."""
+    return np.random.default_rng([config.seed, epoch, purpose])
+
+
+def score(model: Model, images: jax.Array, prompt_idx: np.ndarray, mesh) -> np.ndarray:
+    """Return (B,) fp32 rewards on the host (JAX rewards jitted, host ones on gathered images)."""
+    if model.reward.jittable:
+        fn = _jitted_reward(model.reward, tuple(model.prompts))
+        out = fn(model.reward.params, images, _put(mesh, prompt_idx))
+        return np.asarray(parallel.gather(out), np.float32)
+    prompts = [model.prompts[i] for i in prompt_idx]
+    return np.asarray(model.reward(np.asarray(parallel.gather(images)), prompts), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_reward(reward: rewards.Reward, prompts: tuple[str, ...]):
+    return jax.jit(reward.bound_with_params(list(prompts)))
+
+
+def _concat(trajs: list[Trajectory]) -> Trajectory:
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *trajs)
+
+
+def _rows(traj: Trajectory, index: np.ndarray) -> Trajectory:
+    """Return the trajectories at ``index`` (a host int array)."""
+    idx = jnp.asarray(index)
+    return dataclasses.replace(
+        traj,
+        latents=traj.latents[idx],
+        log_probs=traj.log_probs[idx],
+        eps=traj.eps[idx],
+        context=traj.context[idx],
+    )
+
+
+@dataclasses.dataclass
+class Collected:
+    """An epoch's trajectories with their per-trajectory host data."""
+
+    traj: Trajectory  # (N, K+1, ...) global arrays
+    prompt_idx: np.ndarray  # (N,)
+    rewards: np.ndarray  # (N,) reward of each final image
+    advantage: np.ndarray  # (N,)
+    weight: np.ndarray  # (N,) 1 = trained
+    unique: int
+
+
+def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
+    """Return the epoch's trajectories (plain sampling) with rewards and DDPO advantages."""
+    c = config
+    n, chunk = c.sample.trajectories, c.sample.chunk
+    prompt_idx = host_rng(c, state.epoch, 0).integers(0, len(model.prompts), n)
+    trajs, rewards_ = [], []
+    for lo in range(0, n, chunk):
+        idx = np.arange(lo, lo + chunk, dtype=np.int32)
+        ids = _put(mesh, model.prompt_ids[prompt_idx[idx]])
+        traj, images = phases.sample(model.frozen, state.trainable, ids, _put(mesh, idx), ekey)
+        trajs.append(traj)
+        rewards_.append(score(model, images, prompt_idx[idx], mesh))
+    r = np.concatenate(rewards_)
+    adv = np.zeros(n, np.float32)
+    if _objective(c) == "ddpo":
+        adv = np.asarray(state.tracker.update(prompt_idx.tolist(), r), np.float32)
+    keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
+    unique = parallel.count_unique(np.asarray(keys))
+    return Collected(_concat(trajs), prompt_idx, r, adv, np.ones(n, np.float32), unique)
+
+
+def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
+    """Return one B² stage: prefixes to the interval start, branches over the interval."""
+    c = config
+    length = b2.interval_length(state.epoch, c.b2.stages, c.b2.low, c.b2.high)
+    start = c.sample.steps - length
+    p, chunk, nb = c.b2.prefixes, min(c.sample.chunk, c.b2.prefixes), c.b2.branches
+    prompt_idx = host_rng(c, state.epoch, 0).integers(0, len(model.prompts), p)
+    trajs, rewards_ = [], []
+    for lo in range(0, p, chunk):
+        idx = np.arange(lo, lo + chunk, dtype=np.int32)
+        ids = _put(mesh, model.prompt_ids[prompt_idx[idx]])
+        x, ctx, keys = phases.prefix(
+            model.frozen, state.trainable, ids, _put(mesh, idx), ekey, start
+        )
+        traj, images = phases.branches(model.frozen, state.trainable, x, ctx, keys, start, length)
+        trajs.append(traj)
+        rewards_.append(score(model, images, np.repeat(prompt_idx[idx], nb), mesh))
+    r = np.concatenate(rewards_).reshape(p, nb)
+    state.history.add_stage(prompt_idx.tolist(), r)
+    z = b2.group_zscores(prompt_idx.tolist(), r, state.history)
+    if c.b2.objective != "ddpo":  # DAG objectives need no advantages: train every branch
+        mask, adv = np.ones(z.shape, bool), np.zeros(z.shape)
+    elif c.b2.select:
+        sel = b2.select(z, c.b2.threshold, c.b2.adv_clip)
+        mask, adv = sel.mask, sel.advantages
+    else:  # PPO on every branch with its clipped z-score
+        mask, adv = np.ones(z.shape, bool), np.clip(z, -c.b2.adv_clip, c.b2.adv_clip)
+    return Collected(
+        _concat(trajs),
+        np.repeat(prompt_idx, nb),
+        r.reshape(-1),
+        adv.reshape(-1).astype(np.float32),
+        mask.reshape(-1).astype(np.float32),
+        p * nb,  # every branch has its own noise keys
+    )
+
+
+def train_on(
+    model: Model, phases: Phases, config, mesh, state: LoopState, data: Collected, beta: float
+) -> list[dict]:
+    """Run the epoch's updates over windows of trajectories; return per-update metrics."""
+    c = config
+    kept = np.flatnonzero(data.weight > 0)
+    if kept.size == 0:
+        log.info("epoch %d: empty selection, no update", state.epoch)
+        return []
+    passes = c.b2.passes if c.algo == "b2" else (c.ddpo.inner_epochs if c.algo == "ddpo" else 1)
+    w = c.train.trajectories_per_step
+    out = []
+    for p in range(passes):
+        order = kept[host_rng(c, state.epoch, 10 + p).permutation(kept.size)]
+        for lo in range(0, order.size, w):
+            window = order[lo : lo + w]
+            out.append(update_window(model, phases, config, mesh, state, data, window, beta))
+    return out
+
+
+def update_window(model, phases, config, mesh, state, data: Collected, window, beta) -> dict:
+    """Accumulate the gradients of a window's transitions; apply one optimizer update."""
+    c = config
+    traj = _rows(data.traj, window)
+    state_rewards = None
+    if _objective(c).startswith("dag"):
+        state_rewards = phases.fl_rewards(
+            model.frozen,
+            state.trainable,
+            model.reward.params,
+            traj,
+            _put(mesh, data.prompt_idx[window]),
+        )
+    batch = from_trajectory(
+        traj,
+        model.schedule,
+        jnp.asarray(data.prompt_idx[window]),
+        advantage=jnp.asarray(data.advantage[window]),
+        state_rewards=state_rewards,
+        weight=jnp.asarray(data.weight[window]),
+    )
+    mb = c.train.micro_batch
+    rows = host_rng(c, state.epoch, 1000 + state.updates).permutation(batch.size)
+    pad = (-rows.size) % mb
+    weight = np.concatenate([np.ones(rows.size), np.zeros(pad)]).astype(np.float32)
+    rows = np.concatenate([rows, np.full(pad, rows[0])])
+    grad_sum = jax.tree.map(jnp.zeros_like, state.trainable)
+    metrics, count = [], 0
+    for lo in range(0, rows.size, mb):
+        sub = take(batch, jnp.asarray(rows[lo : lo + mb]))
+        sub = sub.replace(weight=sub.weight * jnp.asarray(weight[lo : lo + mb]))
+        sub = jax.device_put(
+            sub, jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim), sub)
+        )
+        grad_sum, m = phases.grad_step(
+            state.trainable, model.frozen, sub, jnp.float32(beta), grad_sum
+        )
+        metrics.append(m)
+        count += 1
+    metrics = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    finite = bool(np.isfinite(metrics["loss"]))
+    state.trainable, state.opt_state = phases.apply(
+        state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite)
+    )
+    state.updates += 1
+    state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
+    if not finite:
+        log.warning("update %d: non-finite loss, update skipped", state.updates)
+        if state.nonfinite_streak >= c.train.max_nonfinite:
+            raise NonFiniteLoss(
+                f"{state.nonfinite_streak} consecutive updates had a non-finite loss "
+                f"(train.max_nonfinite={c.train.max_nonfinite}); stopping. Lower the learning "
+                "rate or check the reward for NaNs."
+            )
+    metrics["skipped_nonfinite"] = float(not finite)
+    return metrics
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def num_epochs(config) -> int:
+    """Return the number of epochs (B²: stages) of the run."""
+    return config.b2.stages if config.algo == "b2" else config.train.epochs
+
+
+def write_grid(model, phases, config, mesh, state, writer) -> None:
+    """Write a sample grid of fixed prompts × seeds (η = 0) to the workdir."""
+    c = config
+    p = min(c.log.grid_prompts, len(model.prompts))
+    n = p * c.log.grid_seeds
+    pidx = np.repeat(np.arange(p), c.log.grid_seeds)
+    ids = _put(mesh, model.prompt_ids[pidx], batch_axis=False)
+    idx = _put(mesh, np.arange(n, dtype=np.int32), batch_axis=False)
+    images = parallel.gather(phases.grid(model.frozen, state.trainable, ids, idx))
+    writer.write_images(state.epoch, "grid", np.asarray(images), rows=p)
+
+
+class _Preemption:
+    """Remembers a SIGTERM (TPU preemption) so the loop can save and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping after the current window")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopState:
+    """Run (or resume) the training run of ``config`` in ``workdir``; return the final state."""
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    validate(config, mesh.size)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = load_model(config, mesh)
+    key = jax.random.key(config.seed)
+    trainable = init_trainable(model, config, jax.random.fold_in(key, 1 << 31))
+    tx = make_tx(config, trainable)
+    state = LoopState(
+        epoch=0,
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        tracker=PerPromptStatTracker(config.ddpo.tracker_buffer, config.ddpo.tracker_min_count),
+        history=b2.RewardHistory(config.b2.history),
+    )
+    phases = build_phases(model, config, tx)
+    total = num_epochs(config)
+    with Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep) as ckpt:
+        restored = ckpt.restore({"trainable": state.trainable, "opt_state": state.opt_state})
+        if restored is not None:
+            _, arrays, extra = restored
+            state.trainable, state.opt_state = arrays["trainable"], arrays["opt_state"]
+            state.load_extra(extra)
+            log.info("resumed from epoch %d in %s", state.epoch, workdir)
+        writer = MetricsWriter(workdir)
+        writer.truncate_after(state.epoch)  # drop lines of epochs the checkpoint does not hold
+        progress = ProgressLine(total, start_epoch=state.epoch)
+        saved_epoch = state.epoch
+        with _Preemption() as preempt:
+            while state.epoch < total and not preempt.requested:
+                start_state = (state.trainable, state.opt_state, state.extra())
+                t0 = time.time()
+                ekey = jax.random.fold_in(key, state.epoch)
+                gather = collect_b2 if config.algo == "b2" else collect
+                data = gather(model, phases, config, mesh, state, ekey)
+                beta = dag.annealed_beta(
+                    config.dag.beta, state.epoch, total, config.dag.anneal_fraction
+                )
+                updates = train_on(model, phases, config, mesh, state, data, beta)
+                if preempt.requested:  # the epoch is incomplete: keep its start
+                    state.trainable, state.opt_state, extra = start_state
+                    state.load_extra(extra)
+                    break
+                state.trajectories_seen += int(data.rewards.size)
+                state.unique_trajectories += int(data.unique)
+                state.epoch += 1
+                scalars = epoch_scalars(state, data, updates, beta, time.time() - t0)
+                writer.write_scalars(state.epoch, scalars)
+                line = progress.update(
+                    state.epoch,
+                    scalars["reward_mean"],
+                    scalars["reward_std"],
+                    scalars["loss"],
+                    int(data.rewards.size),
+                )
+                if jax.process_index() == 0:
+                    print(line, flush=True)
+                if config.log.grid_every_epochs and state.epoch % config.log.grid_every_epochs == 0:
+                    write_grid(model, phases, config, mesh, state, writer)
+                if state.epoch % config.checkpoint.every_epochs == 0 or state.epoch == total:
+                    ckpt.save(state.epoch, _arrays(state), state.extra())
+                    saved_epoch = state.epoch
+            if saved_epoch != state.epoch:
+                ckpt.save(state.epoch, _arrays(state), state.extra())
+            ckpt.wait_until_finished()
+        writer.close()
+    return state
+
+
+def _arrays(state: LoopState) -> dict:
+    return {"trainable": state.trainable, "opt_state": state.opt_state}
+
+
+def epoch_scalars(state: LoopState, data: Collected, updates: list[dict], beta, seconds) -> dict:
+    """Return the metrics.jsonl record of an epoch."""
+    out = {
+        "epoch": state.epoch,
+        "optimizer_updates": state.updates,
+        "trajectories_seen": state.trajectories_seen,
+        "unique_trajectories": state.unique_trajectories,
+        "reward_mean": float(np.mean(data.rewards)),
+        "reward_std": float(np.std(data.rewards)),
+        "beta": float(beta),
+        "epoch_updates": len(updates),
+        "trained_fraction": float(np.mean(data.weight > 0)),
+        "epoch_seconds": float(seconds),
+        "trajectories_per_s": float(data.rewards.size / max(seconds, 1e-9)),
+    }
+    keys = sorted({k for u in updates for k in u})
+    for k in keys:
+        out[k] = float(np.mean([u[k] for u in updates if k in u]))
+    out.setdefault("loss", float("nan"))
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+    """Define --config (ml_collections config file with overrides) and --workdir."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file, e.g. configs/aesthetic.py:tiny", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, samples)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    """absl entry point."""
+    from absl import flags
+
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = flags.FLAGS.config
+    try:
+        train_and_evaluate(cfg, flags.FLAGS.workdir)
+    except (ConfigError, rewards.RewardError, NonFiniteLoss, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,217 @@
+"""The training system on the random tiny SD: each algorithm runs, resumes exactly, shards alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dag_jax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(config_file: str = "compressibility.py", arg: str = "tiny", **overrides):
+    """Return a config file's config with dotted overrides applied (as the CLI would)."""
+    cfg = runpy.run_path(str(ROOT / "configs" / config_file))["get_config"](arg)
+    cfg.log.grid_every_epochs = 0
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def flat_params(state) -> dict:
+    return {
+        "/".join(k): np.asarray(v)
+        for k, v in traverse_util.flatten_dict(jax.device_get(state.trainable)).items()
+    }
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "algo, objective",
+    [("ddpo", "ddpo"), ("dag_db", "ddpo"), ("dag_kl", "ddpo"), ("b2", "ddpo"), ("b2", "dag_kl")],
+)
+def test_tiny_run_writes_metrics_checkpoints_and_config(tmp_path, algo, objective):
+    cfg = tiny_config(algo=algo, b2__objective=objective, train__epochs=1)
+    if algo == "b2":
+        cfg.b2.select = False  # the tiny batch may select nothing; selection has its own tests
+    state = train.train_and_evaluate(cfg, str(tmp_path))
+    total = train.num_epochs(cfg)
+    assert state.epoch == total
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == list(range(1, total + 1))
+    required = {"step", "epoch", "trajectories_seen", "unique_trajectories", "reward_mean"}
+    assert required | {"reward_std", "loss"} <= set(rows[-1])
+    assert rows[-1]["unique_trajectories"] == rows[-1]["trajectories_seen"] > 0
+    assert np.isfinite(rows[-1]["loss"])
+    assert json.loads((tmp_path / "config.json").read_text())["algo"] == algo
+    assert (tmp_path / "checkpoints").is_dir()
+    lora = flat_params(state)
+    assert any(k.endswith("/B") and np.abs(v).max() > 0 for k, v in lora.items())
+    if objective.startswith("dag") or algo.startswith("dag"):
+        assert any(k.startswith("flow/") for k in lora)
+
+
+def test_rerunning_the_same_command_resumes_to_the_same_params(tmp_path):
+    cfg = tiny_config(algo="dag_kl")
+    straight = train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+    first = tiny_config(algo="dag_kl", train__epochs=1)
+    train.train_and_evaluate(first, str(tmp_path / "resumed"))
+    resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    assert resumed.epoch == straight.epoch == 2
+    a, b = flat_params(straight), flat_params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    assert read_metrics(tmp_path / "resumed")[-1]["epoch"] == 2
+
+
+def test_sample_grids_are_written(tmp_path):
+    cfg = tiny_config(algo="ddpo", train__epochs=1)
+    cfg.log.grid_every_epochs = 1
+    train.train_and_evaluate(cfg, str(tmp_path))
+    assert list((tmp_path / "samples").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(algo="ppo"), "config.algo"),
+        (dict(reward__name="nope"), "unknown reward 'nope'"),
+        (dict(sample__chunk=3), "sample.chunk=3"),
+        (dict(sample__trajectories=12), "sample.trajectories=12"),
+        (dict(model="/no/such/model"), "no such folder"),
+    ],
+)
+def test_bad_configs_fail_before_compiling_with_a_clear_message(tmp_path, override, message):
+    cfg = tiny_config(**override)
+    with pytest.raises(train.ConfigError, match=message):
+        train.validate(cfg, num_devices=2)
+
+
+def test_unknown_config_keys_are_rejected():
+    cfg = tiny_config()
+    with cfg.unlocked():
+        cfg.train.learnig_rate = 1.0
+    with pytest.raises(train.ConfigError, match="train.learnig_rate"):
+        train.validate(cfg, num_devices=1)
+
+
+def test_the_cli_runs_a_tiny_config(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dag_jax.train",
+        f"--config={ROOT / 'configs' / 'compressibility.py'}:tiny",
+        f"--workdir={tmp_path}",
+        "--config.train.epochs=1",
+        "--config.log.grid_every_epochs=0",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_metrics(tmp_path)[-1]["epoch"] == 1
+    bad = subprocess.run(
+        [*cmd[:-2], "--config.train.learnig_rate=1"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode != 0 and "learnig_rate" in bad.stderr
+
+
+SHARDED = textwrap.dedent(
+    """
+    import json, runpy, sys
+    import numpy as np
+    from flax import traverse_util
+    import jax
+    from dag_jax import train
+    out = {}
+    for data, fsdp in ((8, 1), (2, 4)):
+        cfg = runpy.run_path(sys.argv[1])["get_config"]("tiny")
+        cfg.algo = "dag_db"
+        cfg.train.epochs = 1
+        cfg.log.grid_every_epochs = 0
+        cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
+        state = train.train_and_evaluate(cfg, f"{sys.argv[2]}/{data}x{fsdp}")
+        flat = traverse_util.flatten_dict(jax.device_get(state.trainable))
+        out[f"{data}x{fsdp}"] = {"/".join(k): np.asarray(v).tolist() for k, v in flat.items()}
+    json.dump(out, open(sys.argv[3], "w"))
+    """
+)
+
+
+def test_one_epoch_gives_the_same_params_on_1x1_8x1_and_2x4_meshes(tmp_path):
+    cfg = tiny_config(algo="dag_db", train__epochs=1)
+    single = flat_params(train.train_and_evaluate(cfg, str(tmp_path / "1x1")))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    result = tmp_path / "sharded.json"
+    config_file = str(ROOT / "configs" / "compressibility.py")
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED, config_file, str(tmp_path), str(result)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for mesh, params in json.loads(result.read_text()).items():
+        assert params.keys() == single.keys()
+        for k, v in params.items():
+            np.testing.assert_allclose(np.asarray(v), single[k], atol=1e-5, err_msg=f"{mesh} {k}")
+
+
+def nan_reward():
+    """A host reward that returns NaN (to exercise the non-finite guard)."""
+    from dag_jax import rewards
+
+    return rewards.host_reward("nan", lambda images, prompts: np.full(len(prompts), np.nan))
+
+
+def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path):
+    from dag_jax import rewards
+
+    rewards.register("nan_for_tests", "tests.test_train:nan_reward")
+    cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="nan_for_tests")
+    cfg.train.max_nonfinite = 100
+    state = train.train_and_evaluate(cfg, str(tmp_path / "skip"))
+    assert state.nonfinite_streak > 0
+    assert all(np.abs(v).max() == 0 for k, v in flat_params(state).items() if k.endswith("/B"))
+    assert read_metrics(tmp_path / "skip")[-1]["skipped_nonfinite"] == 1.0
+    cfg.train.max_nonfinite = 1
+    with pytest.raises(train.NonFiniteLoss, match="non-finite"):
+        train.train_and_evaluate(cfg, str(tmp_path / "stop"))
+
+
+def test_sigterm_keeps_the_last_complete_epoch(tmp_path, monkeypatch):
+    import signal
+
+    real = train.train_on
+
+    def preempted(model, phases, config, mesh, state, data, beta):
+        out = real(model, phases, config, mesh, state, data, beta)
+        if state.epoch == 1:  # during the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train, "train_on", preempted)
+    state = train.train_and_evaluate(tiny_config(algo="ddpo"), str(tmp_path))
+    assert state.epoch == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
