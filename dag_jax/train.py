@@ -288,7 +288,12 @@ def make_tx(config, trainable: dict):
 
 
 def _put(mesh, array: np.ndarray, batch_axis: bool = True) -> jax.Array:
-    """Return a global array of a host array every process holds in full."""
+    """Return a global array of a host array every process holds in full.
+
+    Split on the batch axis over all devices when it divides evenly (a ragged last window,
+    or a B² selection, is replicated instead).
+    """
+    batch_axis = batch_axis and array.ndim > 0 and array.shape[0] % mesh.size == 0
     sharding = parallel.batch_sharding(mesh, array.ndim) if batch_axis else None
     return parallel.put(array, sharding or parallel.replicated(mesh))
 

@@ -133,37 +133,61 @@ def test_the_cli_runs_a_tiny_config(tmp_path):
     assert bad.returncode != 0 and "learnig_rate" in bad.stderr
 
 
+def first_update(cfg, workdir: str) -> dict:
+    """Run one tiny epoch; return the first update's loss and mean gradient (flat numpy)."""
+    import dataclasses
+
+    real = train.build_phases
+    seen = {}
+
+    def recording(model, config, tx):
+        phases = real(model, config, tx)
+
+        def apply(trainable, opt_state, grad_sum, count, finite):
+            if "grads" not in seen:
+                grads = jax.device_get(jax.tree.map(lambda g: g / count, grad_sum))
+                flat = traverse_util.flatten_dict(grads)
+                seen["grads"] = {"/".join(k): np.asarray(v).tolist() for k, v in flat.items()}
+            return phases.apply(trainable, opt_state, grad_sum, count, finite)
+
+        def grad_step(*args):
+            grad_sum, metrics = phases.grad_step(*args)
+            seen.setdefault("loss", float(metrics["loss"]))
+            return grad_sum, metrics
+
+        return dataclasses.replace(phases, apply=apply, grad_step=grad_step)
+
+    train.build_phases = recording
+    try:
+        train.train_and_evaluate(cfg, workdir)
+    finally:
+        train.build_phases = real
+    return seen
+
+
 SHARDED = textwrap.dedent(
     """
-    import json, runpy, sys
-    import numpy as np
-    from flax import traverse_util
-    import jax
-    from dag_jax import train
+    import json, sys
+    from tests.test_train import first_update, tiny_config
     out = {}
     for data, fsdp in ((8, 1), (2, 4)):
-        cfg = runpy.run_path(sys.argv[1])["get_config"]("tiny")
-        cfg.algo = "dag_db"
-        cfg.train.epochs = 1
-        cfg.log.grid_every_epochs = 0
-        cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
-        state = train.train_and_evaluate(cfg, f"{sys.argv[2]}/{data}x{fsdp}")
-        flat = traverse_util.flatten_dict(jax.device_get(state.trainable))
-        out[f"{data}x{fsdp}"] = {"/".join(k): np.asarray(v).tolist() for k, v in flat.items()}
-    json.dump(out, open(sys.argv[3], "w"))
+        cfg = tiny_config(algo="dag_db", train__epochs=1, mesh__data=data, mesh__fsdp=fsdp)
+        out[f"{data}x{fsdp}"] = first_update(cfg, f"{sys.argv[1]}/{data}x{fsdp}")
+    json.dump(out, open(sys.argv[2], "w"))
     """
 )
 
 
-def test_one_epoch_gives_the_same_params_on_1x1_8x1_and_2x4_meshes(tmp_path):
-    cfg = tiny_config(algo="dag_db", train__epochs=1)
-    single = flat_params(train.train_and_evaluate(cfg, str(tmp_path / "1x1")))
+def test_the_first_update_is_the_same_on_1x1_8x1_and_2x4_meshes(tmp_path):
+    # Loss and gradients are compared: Adam's first step is lr·sign(g) where |g| ≫ eps, so an
+    # element whose gradient is ~0 can flip its update by 2·lr under a different reduction
+    # order; parameters after Adam steps are not an elementwise-stable quantity.
+    single = first_update(tiny_config(algo="dag_db", train__epochs=1), str(tmp_path / "1x1"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["JAX_PLATFORMS"] = "cpu"
     result = tmp_path / "sharded.json"
-    config_file = str(ROOT / "configs" / "compressibility.py")
     out = subprocess.run(
-        [sys.executable, "-c", SHARDED, config_file, str(tmp_path), str(result)],
+        [sys.executable, "-c", SHARDED, str(tmp_path), str(result)],
         capture_output=True,
         text=True,
         env=env,
@@ -171,10 +195,18 @@ def test_one_epoch_gives_the_same_params_on_1x1_8x1_and_2x4_meshes(tmp_path):
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for mesh, params in json.loads(result.read_text()).items():
-        assert params.keys() == single.keys()
-        for k, v in params.items():
-            np.testing.assert_allclose(np.asarray(v), single[k], atol=1e-5, err_msg=f"{mesh} {k}")
+    scale = max(np.abs(np.asarray(v)).max() for v in single["grads"].values())
+    assert scale > 0
+    for mesh, got in json.loads(result.read_text()).items():
+        np.testing.assert_allclose(got["loss"], single["loss"], rtol=1e-5, err_msg=mesh)
+        assert got["grads"].keys() == single["grads"].keys()
+        for k, v in got["grads"].items():
+            np.testing.assert_allclose(
+                np.asarray(v),
+                np.asarray(single["grads"][k]),
+                atol=1e-5 * scale,
+                err_msg=f"{mesh} {k}",
+            )
 
 
 def nan_reward():
