@@ -539,6 +539,7 @@ def bench_sampler(settings: Settings) -> list[dict]:
 
 # --------------------------------------------------------------------------- registry and CLI
 
+
 def bench_toy2d(settings: Settings) -> list[dict]:
     """Return the records of the 2-D proof (``dag_jax.toy2d``; imported only when asked for)."""
     from dag_jax import toy2d
