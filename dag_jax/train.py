@@ -309,6 +309,7 @@ class Phases:
     grad_step: Any
     apply: Any
     grid: Any
+    reward: Any  # (reward params, images, prompt_idx) -> (B,) for JAX-native rewards
 
 
 def build_phases(model: Model, config, tx) -> Phases:
@@ -445,7 +446,7 @@ def build_phases(model: Model, config, tx) -> Phases:
         traj, _ = from_noise(frozen, trainable, ids, keys, 0.0)
         return images_of(frozen, traj.final)
 
-    return Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid)
+    return Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid, jax.jit(bound))
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -491,19 +492,13 @@ def host_rng(config, epoch: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch, purpose])
 
 
-def score(model: Model, images: jax.Array, prompt_idx: np.ndarray, mesh) -> np.ndarray:
+def score(model: Model, phases: Phases, images: jax.Array, prompt_idx: np.ndarray, mesh):
     """Return (B,) fp32 rewards on the host (JAX rewards jitted, host ones on gathered images)."""
     if model.reward.jittable:
-        fn = _jitted_reward(model.reward, tuple(model.prompts))
-        out = fn(model.reward.params, images, _put(mesh, prompt_idx))
+        out = phases.reward(model.reward.params, images, _put(mesh, prompt_idx))
         return np.asarray(parallel.gather(out), np.float32)
     prompts = [model.prompts[i] for i in prompt_idx]
     return np.asarray(model.reward(np.asarray(parallel.gather(images)), prompts), np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_reward(reward: rewards.Reward, prompts: tuple[str, ...]):
-    return jax.jit(reward.bound_with_params(list(prompts)))
 
 
 def _concat(trajs: list[Trajectory]) -> Trajectory:
@@ -545,7 +540,7 @@ def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) 
         ids = _put(mesh, model.prompt_ids[prompt_idx[idx]])
         traj, images = phases.sample(model.frozen, state.trainable, ids, _put(mesh, idx), ekey)
         trajs.append(traj)
-        rewards_.append(score(model, images, prompt_idx[idx], mesh))
+        rewards_.append(score(model, phases, images, prompt_idx[idx], mesh))
     r = np.concatenate(rewards_)
     adv = np.zeros(n, np.float32)
     if _objective(c) == "ddpo":
@@ -571,7 +566,7 @@ def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, eke
         )
         traj, images = phases.branches(model.frozen, state.trainable, x, ctx, keys, start, length)
         trajs.append(traj)
-        rewards_.append(score(model, images, np.repeat(prompt_idx[idx], nb), mesh))
+        rewards_.append(score(model, phases, images, np.repeat(prompt_idx[idx], nb), mesh))
     r = np.concatenate(rewards_).reshape(p, nb)
     state.history.add_stage(prompt_idx.tolist(), r)
     z = b2.group_zscores(prompt_idx.tolist(), r, state.history)

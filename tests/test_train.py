@@ -247,3 +247,26 @@ def test_sigterm_keeps_the_last_complete_epoch(tmp_path, monkeypatch):
     assert state.epoch == 1
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def brightness_reward():
+    """A JAX-native reward with weights (mean brightness × a scale held in ``params``)."""
+    import jax.numpy as jnp
+
+    from dag_jax import rewards
+
+    def score(params, images, tokens):
+        return params["scale"] * jnp.mean(images, axis=(1, 2, 3))
+
+    return rewards.jax_reward("brightness", score, params={"scale": jnp.float32(2.0)})
+
+
+def test_a_jax_native_reward_runs_jitted_with_its_weights_as_arguments(tmp_path):
+    from dag_jax import rewards
+
+    rewards.register("brightness_for_tests", "tests.test_train:brightness_reward")
+    cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="brightness_for_tests")
+    state = train.train_and_evaluate(cfg, str(tmp_path))
+    row = read_metrics(tmp_path)[-1]
+    assert 0 < row["reward_mean"] <= 2.0 and np.isfinite(row["loss"])
+    assert state.epoch == 1
