@@ -185,7 +185,9 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- restore
 
-    def restore(self, template_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore(
+        self, template_state: Any, epoch: int | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
         """Restore the newest readable checkpoint into the structure of ``template_state``.
 
         ``template_state`` is a pytree like the saved state: concrete arrays, or abstract
@@ -197,6 +199,9 @@ class Checkpointer:
         A damaged checkpoint (unreadable array data, missing or broken JSON, missing commit
         marker) is skipped with a WARNING naming it, and the previous one is tried.
 
+        ``epoch`` restores that checkpoint only (tools reading a run, e.g. evaluation): no
+        fallback to an older one, and newer checkpoints are not marked abandoned.
+
         Returns:
           ``(epoch, state, extra)``, or None when there is no checkpoint (INFO) or none could
           be read (WARNING).
@@ -204,6 +209,7 @@ class Checkpointer:
         Raises:
           CheckpointMismatchError: a checkpoint is readable but its tree (keys or shapes)
             differs from the template; older checkpoints of the run would not match either.
+          FileNotFoundError: ``epoch`` is given and has no complete checkpoint.
         """
         self._manager.wait_until_finished()
         self._manager.reload()
@@ -216,6 +222,11 @@ class Checkpointer:
                 self.epoch_path(step),
                 COMMIT_MARKER,
             )
+        if epoch is not None and _as_step(epoch) not in committed:
+            raise FileNotFoundError(
+                f"no complete checkpoint of epoch {epoch} in {self.directory}; "
+                f"complete checkpoints: {committed or 'none'}"
+            )
         if not committed:
             self._abandoned = set(listed)
             if listed:
@@ -223,7 +234,7 @@ class Checkpointer:
             else:
                 log.info("No checkpoint in %s; starting from scratch.", self.directory)
             return None
-        for step in reversed(committed):
+        for step in reversed(committed) if epoch is None else [_as_step(epoch)]:
             self._check_template(step, template_state)
             try:
                 restored = self._manager.restore(
@@ -246,13 +257,13 @@ class Checkpointer:
                     _short(str(e)),
                 )
                 continue
-            self._abandoned = {s for s in listed if s > step}
-            if step != committed[-1]:
+            self._abandoned = {s for s in listed if s > step} if epoch is None else set()
+            if step != committed[-1] and epoch is None:
                 log.warning("Restored the older checkpoint %s.", self.epoch_path(step))
             else:
                 log.info("Restored checkpoint %s.", self.epoch_path(step))
             return step, state, extra
-        self._abandoned = set(listed)
+        self._abandoned = set(listed) if epoch is None else set()
         log.warning(
             "No restorable checkpoint in %s (tried epochs %s).", self.directory, committed[::-1]
         )

@@ -102,11 +102,14 @@ def _byte_symbols() -> list[str]:
     return out
 
 
-def write_byte_tokenizer(folder: Path, merges: tuple[str, ...] = ()) -> Path:
+def write_byte_tokenizer(
+    folder: Path, merges: tuple[str, ...] = (), model_max_length: int = 77
+) -> Path:
     """Write a CLIPTokenizer-compatible byte-level BPE (vocab.json, merges.txt); return folder.
 
     The vocabulary is the 256 byte symbols, each also with ``</w>``, one entry per merge, then
-    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token): ~520 ids.
+    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token): ~520 ids. A merged token
+    string that is already in the vocabulary (e.g. a single byte) gets no new id.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ def write_byte_tokenizer(folder: Path, merges: tuple[str, ...] = ()) -> Path:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
+        "model_max_length": model_max_length,
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",

@@ -98,7 +98,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"unknown reward {config.reward.name!r}; known rewards: {', '.join(rewards.names())}"
         )
     model = str(config.model)
-    if model != "random-tiny" and (
+    if model not in ("random-tiny", "tiny") and (
         model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
     ):
         if not Path(model).expanduser().exists():
@@ -177,8 +177,12 @@ class Model:
         return {"base": frozen["unet"], "lora": trainable["lora"]}
 
 
-def load_model(config, mesh) -> Model:
-    """Return the Model: pipeline (loaded or random-tiny), flow, prompts, reward."""
+def load_model(config, mesh, task: bool = True) -> Model:
+    """Return the Model: pipeline (loaded or random-tiny), flow, prompts, reward.
+
+    ``task=False`` leaves out the prompts, their negative embedding and the reward (empty /
+    None): what tools that only restore a run's checkpoints need (``dag_jax.export``).
+    """
     import dag_jax
     from dag_jax import tiny
 
@@ -216,12 +220,14 @@ def load_model(config, mesh) -> Model:
         ),
         dtype=dtype,
     )
-    prompts = load_prompts(config)
     frozen = parallel.put(pipe.params, parallel.fsdp_shardings(mesh, pipe.params))
-    prompt_ids = pipe.encode_prompt_ids(prompts)
-    neg = jnp.asarray(pipe.encode_prompt_ids([config.prompts.negative]))
-    uncond = jax.jit(pipe.encode_text)(frozen["text_encoder"], neg)
-    reward = rewards.get(config.reward.name, **dict(config.reward.options))
+    prompts, prompt_ids, uncond, reward = [], np.zeros((0, 1), np.int32), None, None
+    if task:
+        prompts = load_prompts(config)
+        prompt_ids = pipe.encode_prompt_ids(prompts)
+        neg = jnp.asarray(pipe.encode_prompt_ids([config.prompts.negative]))
+        uncond = jax.jit(pipe.encode_text)(frozen["text_encoder"], neg)
+        reward = rewards.get(config.reward.name, **dict(config.reward.options))
     return Model(
         pipe=pipe,
         flow=flow,
@@ -267,6 +273,16 @@ def init_trainable(model: Model, config, key: jax.Array) -> dict:
         if config.dag.anchor_initial_flow:
             out["log_z"] = jnp.zeros((), jnp.float32)
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), out)
+
+
+def checkpoint_template(model: Model, config) -> dict:
+    """Return the abstract {"trainable", "opt_state"} tree of a run's checkpoints (no compute)."""
+
+    def build():
+        trainable = init_trainable(model, config, jax.random.key(0))
+        return {"trainable": trainable, "opt_state": make_tx(config, trainable).init(trainable)}
+
+    return jax.eval_shape(build)
 
 
 def make_tx(config, trainable: dict):

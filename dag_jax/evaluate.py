@@ -1,0 +1,663 @@
+"""Evaluate a run: reward and diversity on train and held-out prompts, and image grids.
+
+    python -m dag_jax.evaluate --workdir=RUN [--step=N | --base] --prompts=test|train|both \
+        --num_per_prompt=K --seed=S [--extra_rewards=a,b] [--feature_model=PATH] [--batch_size=B]
+
+What it does (SPEC §9):
+
+1. rebuilds the run from ``RUN/config.json`` with train.py's builders (``load_model``,
+   ``init_trainable``, ``make_tx``, ``build_phases``) and restores the LoRA of checkpoint
+   ``--step`` (default: the latest) from ``RUN/checkpoints``; ``--base`` evaluates the base
+   model instead (the initial LoRA, whose B = 0, adds nothing);
+2. samples K images for every prompt of each split with the run's sampler (DDIM steps, η,
+   guidance, negative prompt; ``--eta`` overrides η). Noise is fixed: image j of prompt p of
+   split s comes from the per-sample key ``fold_in(fold_in(key(seed), s), p·2¹⁶ + j)``, the
+   same for the base model and every checkpoint, whatever K, the batch size or the device
+   count;
+3. scores every image with the run's reward (``config.reward``) and any ``--extra_rewards``;
+   embeds it with the feature extractor (``dag_jax.features``: CLIP image embeddings; the
+   tiny CLIP for tiny-world runs);
+4. writes ``RUN/eval/<step>/`` (or ``RUN/eval/base/``): ``eval.json``, ``samples.npz``
+   (features, rewards and the grid images), ``grid_<split>.png`` (prompts × seeds) and, for a
+   checkpoint, ``compare_<split>.png`` (for each prompt a base row above an aligned row).
+
+A checkpoint's Fréchet distance to the base model needs the base model's samples: they are
+read from ``RUN/eval/base/`` when that was evaluated with the same settings, else sampled
+(and written there) first.
+
+Splits: a named prompt set's ``train`` / ``test`` (``dag_jax.data.prompts``; sets without a
+held-out split skip ``test`` with a note). Inline prompt sets (the ``:tiny`` configs) have no
+split of their own: their held-out prompts are ``TINY_TEST_PROMPTS``, recombinations of the
+colours, counts and shapes of the tiny training prompts (minus any the run trained on).
+``--test_prompt`` (repeatable) replaces the test prompts of any run; ``--max_prompts`` keeps the
+first N of each split.
+
+``eval.json``::
+
+    {"workdir", "tag", "step" (null for base), "base", "label", "algo", "objective", "model",
+     "reward" (the run's reward name), "trajectories_seen", "unique_trajectories",
+     "feature_model", "settings": {num_per_prompt, seed, steps, eta, guidance, negative_prompt,
+     resolution, batch_size, feature_model},
+     "splits": {"train"|"test": {"prompts", "num_images",
+        "rewards": {name: {"mean", "std", "per_prompt_mean": [...]}},
+        "diversity": {"pairwise", "vendi", "pairwise_per_prompt", "vendi_per_prompt"},
+        "frechet_to_base" (null for base)}},
+     "skipped": {split: reason}}
+
+Pairwise diversity and Vendi score are per prompt (over its K images), then averaged over
+prompts; the Fréchet distance pools all images of a split. Non-finite numbers are ``null``.
+Runs in one process (the images are gathered on the host); the batch is split over its local
+devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dag_jax import diversity, parallel, rewards, train
+from dag_jax.checkpoint import Checkpointer
+from dag_jax.features import FeatureExtractor, default_feature_model, load_feature_extractor
+from dag_jax.metrics import image_grid, to_json_number
+
+log = logging.getLogger("dag_jax.evaluate")
+
+SPLITS = ("train", "test")
+# Held-out prompts of inline (tiny-world) prompt sets: the :tiny training prompts' colours,
+# counts and shapes recombined.
+TINY_TEST_PROMPTS = (
+    "a blue circle",
+    "a red square",
+    "two yellow triangles",
+    "a green star",
+    "two red circles",
+    "a yellow square",
+)
+SEED_STRIDE = 1 << 16  # sample index of (prompt p, seed j) = p * SEED_STRIDE + j
+EVAL_DIR = "eval"
+BASE_TAG = "base"
+SETTINGS_THAT_FIX_SAMPLES = (
+    "num_per_prompt",
+    "seed",
+    "steps",
+    "eta",
+    "guidance",
+    "negative_prompt",
+    "resolution",
+    "model",
+    "feature_model",
+)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Return the run's config: ``RUN/config.json`` over configs/base.py's defaults.
+
+    Keys the run's file lacks (added to the project after the run) keep their defaults, so an
+    older run still rebuilds. Raises FileNotFoundError when there is no config.json.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    config = train._default_config() or ml_collections.ConfigDict()
+    _merge(config, loaded)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Set ``values`` (a nested dict) into ``config`` in place; reward options are replaced."""
+    for key, value in values.items():
+        node = config.get(key)
+        if isinstance(value, Mapping) and isinstance(node, ml_collections.ConfigDict):
+            if key == "options":
+                config[key] = ml_collections.ConfigDict(dict(value))
+            else:
+                _merge(node, value)
+            continue
+        with config.ignore_type():
+            config[key] = tuple(value) if isinstance(value, list) else value
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run rebuilt for evaluation: config, model, the initial and restored LoRA."""
+
+    workdir: Path
+    config: ml_collections.ConfigDict
+    mesh: Any
+    model: train.Model
+    tx: Any
+    initial: dict  # init_trainable's tree: its LoRA B = 0, i.e. the base model
+    trainable: dict | None = None  # the restored checkpoint's tree (None: not restored)
+    step: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def restore_run(workdir: str | os.PathLike, step: int | None = None, restore: bool = True) -> Run:
+    """Rebuild the run in ``workdir`` and (``restore``) load checkpoint ``step`` (None: latest).
+
+    Uses train.py's builders as ``train_and_evaluate`` does (``load_model``,
+    ``init_trainable``, ``make_tx``; the restore template is ``train.checkpoint_template``), so
+    the restored tree matches what the run saved. The checkpoints are opened
+    read-only: a live run's saves are left alone. Raises FileNotFoundError when there is no
+    config.json or no (such) checkpoint.
+    """
+    workdir = Path(workdir)
+    config = read_run_config(workdir)
+    fsdp = config.mesh.fsdp if jax.device_count() % max(config.mesh.fsdp, 1) == 0 else 1
+    mesh = parallel.make_mesh(-1, fsdp)
+    model = train.load_model(config, mesh)
+    key = jax.random.key(config.seed)
+    initial = train.init_trainable(model, config, jax.random.fold_in(key, 1 << 31))
+    # one placement for the initial and the restored trees: the sampler compiles once
+    initial = parallel.put(initial, parallel.replicated(mesh))
+    tx = train.make_tx(config, initial)
+    run = Run(workdir, config, mesh, model, tx, initial)
+    if not restore:
+        return run
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
+    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+        restored = ckpt.restore(train.checkpoint_template(model, config), epoch=step)
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {directory}")
+    run.step, arrays, run.extra = restored
+    run.trainable = parallel.put(arrays["trainable"], parallel.replicated(mesh))
+    return run
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompt_splits(
+    config, test_prompts: Sequence[str] | None = None, max_prompts: int = 0
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Return ({split: prompts}, {split: why it is empty}) of a run's config.
+
+    See the module docstring for the rules; ``max_prompts`` > 0 keeps the first N per split.
+    """
+    train_prompts = train.load_prompts(config)
+    if config.prompts.name == "inline":
+        trained = set(train_prompts)
+        test = [p for p in TINY_TEST_PROMPTS if p not in trained]
+    else:
+        from dag_jax.data import prompts as prompt_sets
+
+        test = list(prompt_sets.load(config.prompts.name, root=config.prompts.root or None).test)
+    if test_prompts:
+        test = [str(p) for p in test_prompts]
+    splits = {"train": list(train_prompts), "test": test}
+    if max_prompts > 0:
+        splits = {k: v[:max_prompts] for k, v in splits.items()}
+    skipped = {}
+    if not splits["test"]:
+        skipped["test"] = (
+            f"prompt set {config.prompts.name!r} has no held-out prompts (pass --test_prompt)"
+        )
+    return splits, skipped
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass
+class SplitSamples:
+    """What the evaluation keeps of one split's images (P prompts × K seeds)."""
+
+    prompts: list[str]
+    rewards: dict[str, np.ndarray]  # name -> (P, K) float32
+    features: np.ndarray  # (P, K, D) float32
+    grid: np.ndarray  # (grid prompts, grid seeds, H, W, 3) uint8
+
+
+def split_key(seed: int, split: str) -> jax.Array:
+    """Return the evaluation key of a split: ``fold_in(key(seed), index of split)``."""
+    return jax.random.fold_in(jax.random.key(seed), SPLITS.index(split))
+
+
+def sample_indices(num_prompts: int, num_per_prompt: int) -> np.ndarray:
+    """Return the (P·K,) sample indices p·2¹⁶ + j, prompt-major (the per-sample key salts)."""
+    if num_per_prompt >= SEED_STRIDE or num_prompts * SEED_STRIDE >= 1 << 32:
+        raise ValueError(f"too many prompts ({num_prompts}) or seeds ({num_per_prompt})")
+    p, j = np.meshgrid(np.arange(num_prompts), np.arange(num_per_prompt), indexing="ij")
+    return (p * SEED_STRIDE + j).reshape(-1).astype(np.uint32)
+
+
+class Scorer:
+    """Scores batches of images against prompts (indices into a fixed prompt list)."""
+
+    def __init__(self, reward: rewards.Reward, prompts: Sequence[str]):
+        self.reward = reward
+        self.prompts = list(prompts)
+        self._fn = jax.jit(reward.bound_with_params(self.prompts)) if reward.jittable else None
+
+    def __call__(self, images: jax.Array, prompt_idx: np.ndarray) -> np.ndarray:
+        """Return (B,) float32 rewards of (B, H, W, 3) images in [0, 1]."""
+        if self._fn is not None:
+            idx = jax.numpy.asarray(prompt_idx, jax.numpy.int32)
+            return np.asarray(self._fn(self.reward.params, images, idx), np.float32)
+        prompts = [self.prompts[i] for i in prompt_idx]
+        return np.asarray(self.reward(np.asarray(images), prompts), np.float32)
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Samples, scores and embeds the images of one run's model, base or aligned."""
+
+    run: Run
+    phases: train.Phases
+    extractor: FeatureExtractor
+    rewards: dict[str, rewards.Reward]
+    num_per_prompt: int
+    seed: int
+    batch_size: int
+    grid_prompts: int = 4
+    grid_seeds: int = 4
+    progress: bool = True
+
+    def sample_split(self, trainable: dict, split: str, prompts: Sequence[str]) -> SplitSamples:
+        """Return the SplitSamples of ``trainable``'s LoRA on ``prompts``."""
+        from tqdm.auto import tqdm
+
+        model, mesh, k = self.run.model, self.run.mesh, self.num_per_prompt
+        ids = model.pipe.encode_prompt_ids(list(prompts))
+        salts = sample_indices(len(prompts), k)
+        n, bs = salts.size, self.batch_size
+        ekey = split_key(self.seed, split)
+        scorers = {name: Scorer(r, prompts) for name, r in self.rewards.items()}
+        scores: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
+        feats: list[np.ndarray] = []
+        gp, gs = min(self.grid_prompts, len(prompts)), min(self.grid_seeds, k)
+        grid = None
+        batches = range(0, n, bs)
+        bar = tqdm(batches, desc=f"{split} ({n} images)", unit="batch", disable=not self.progress)
+        for lo in bar:
+            rows = np.minimum(np.arange(lo, lo + bs), n - 1)  # the last batch repeats its end
+            valid = min(bs, n - lo)
+            prompt_idx = rows // k
+            _, images = self.phases.sample(
+                model.frozen,
+                trainable,
+                train._put(mesh, ids[prompt_idx]),
+                train._put(mesh, salts[rows].astype(np.int32)),
+                ekey,
+            )
+            for name, scorer in scorers.items():
+                scores[name].append(scorer(images, prompt_idx)[:valid])
+            feats.append(self.extractor(images)[:valid])
+            host = np.asarray(images)[:valid]
+            if grid is None:
+                grid = np.zeros((gp, gs, *host.shape[1:]), np.uint8)
+            for i, row in enumerate(rows[:valid]):
+                p, j = divmod(int(row), k)
+                if p < gp and j < gs:
+                    grid[p, j] = np.round(np.clip(host[i], 0, 1) * 255).astype(np.uint8)
+        p = len(prompts)
+        return SplitSamples(
+            prompts=list(prompts),
+            rewards={name: np.concatenate(v).reshape(p, k) for name, v in scores.items()},
+            features=np.concatenate(feats).reshape(p, k, -1),
+            grid=grid,
+        )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def reward_stats(values: np.ndarray) -> dict[str, Any]:
+    """Return {"mean", "std", "per_prompt_mean"} of (P, K) rewards."""
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "per_prompt_mean": [float(v) for v in np.mean(values, axis=1)],
+    }
+
+
+def diversity_stats(features: np.ndarray) -> dict[str, Any]:
+    """Return per-prompt pairwise diversity and Vendi score of (P, K, D) features, and means."""
+    out: dict[str, Any] = {"vendi_per_prompt": [diversity.vendi_score(f) for f in features]}
+    out["vendi"] = float(np.mean(out["vendi_per_prompt"]))
+    if features.shape[1] >= 2:
+        out["pairwise_per_prompt"] = [diversity.pairwise_diversity(f) for f in features]
+        out["pairwise"] = float(np.mean(out["pairwise_per_prompt"]))
+    else:  # one image per prompt: no pairs
+        out["pairwise_per_prompt"], out["pairwise"] = [], None
+    return out
+
+
+def split_metrics(samples: SplitSamples, base: SplitSamples | None) -> dict[str, Any]:
+    """Return the eval.json entry of one split (``base``: the base model's samples, or None)."""
+    flat = samples.features.reshape(-1, samples.features.shape[-1])
+    frechet = None
+    if base is not None and flat.shape[0] >= 2:
+        base_flat = base.features.reshape(-1, base.features.shape[-1])
+        frechet = diversity.frechet_distance(flat, base_flat)
+    return {
+        "prompts": samples.prompts,
+        "num_images": int(flat.shape[0]),
+        "rewards": {name: reward_stats(v) for name, v in samples.rewards.items()},
+        "diversity": diversity_stats(samples.features),
+        "frechet_to_base": frechet,
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_samples(path: Path, samples: Mapping[str, SplitSamples]) -> None:
+    """Write the splits' features, rewards, prompts and grid images to an .npz file."""
+    arrays = {}
+    for split, s in samples.items():
+        arrays[f"{split}__features"] = s.features
+        arrays[f"{split}__grid"] = s.grid
+        arrays[f"{split}__prompts"] = np.asarray(s.prompts, dtype=np.str_)
+        for name, v in s.rewards.items():
+            arrays[f"{split}__reward__{name}"] = v
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path) -> dict[str, SplitSamples]:
+    """Read what ``save_samples`` wrote."""
+    out = {}
+    with np.load(path) as data:
+        for split in SPLITS:
+            if f"{split}__features" not in data:
+                continue
+            prefix = f"{split}__reward__"
+            out[split] = SplitSamples(
+                prompts=[str(p) for p in data[f"{split}__prompts"]],
+                rewards={k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)},
+                features=data[f"{split}__features"],
+                grid=data[f"{split}__grid"],
+            )
+    return out
+
+
+def write_grid(path: Path, grid: np.ndarray) -> None:
+    """Write a (rows, cols, H, W, 3) uint8 image array as one PNG grid."""
+    from PIL import Image
+
+    rows, cols = grid.shape[:2]
+    tiled = image_grid(grid.reshape(rows * cols, *grid.shape[2:]), rows=rows)
+    Image.fromarray(tiled).save(path)
+
+
+def compare_grid(base: np.ndarray, aligned: np.ndarray) -> np.ndarray:
+    """Return (2·P, K, H, W, 3): for each prompt its base row, then its aligned row."""
+    return np.stack([base, aligned], axis=1).reshape(-1, *base.shape[1:])
+
+
+def _json_ready(value: Any) -> Any:
+    """Return ``value`` with non-finite floats as None and NumPy scalars as Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float | np.floating | np.integer):
+        return to_json_number(value)
+    return value
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_ready(data), indent=2, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def run_label(config: Mapping[str, Any]) -> str:
+    """Return the algorithm label of a run: ``algo``, or ``b2/<objective>`` for B² runs."""
+    from dag_jax.plot import run_label as label
+
+    return label(config)
+
+
+def _settings(run: Run, ev: Evaluator) -> dict[str, Any]:
+    c = run.config
+    return {
+        "num_per_prompt": ev.num_per_prompt,
+        "seed": ev.seed,
+        "steps": int(c.sample.steps),
+        "eta": float(c.sample.eta),
+        "guidance": float(c.sample.guidance),
+        "negative_prompt": str(c.prompts.negative),
+        "resolution": int(c.resolution),
+        "model": str(c.model),
+        "feature_model": ev.extractor.name,
+        "batch_size": ev.batch_size,
+    }
+
+
+def _cached_base(
+    eval_root: Path, settings: Mapping[str, Any], splits: Mapping[str, list[str]]
+) -> dict[str, SplitSamples] | None:
+    """Return the base model's samples in ``eval_root/base`` if they fit, else None."""
+    folder = eval_root / BASE_TAG
+    try:
+        stored = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+        samples = load_samples(folder / "samples.npz")
+    except (OSError, ValueError):
+        return None
+    same = all(stored.get("settings", {}).get(k) == settings[k] for k in SETTINGS_THAT_FIX_SAMPLES)
+    fits = all(split in samples and samples[split].prompts == p for split, p in splits.items())
+    return samples if same and fits else None
+
+
+def _evaluate_model(
+    ev: Evaluator,
+    trainable: dict,
+    tag: str,
+    splits: Mapping[str, list[str]],
+    skipped: Mapping[str, str],
+    out: Path,
+    base: Mapping[str, SplitSamples] | None,
+) -> dict[str, Any]:
+    """Sample, score and embed one model; write its eval folder; return its eval.json dict."""
+    run, c = ev.run, ev.run.config
+    log.info("evaluating %s of %s", tag, run.workdir)
+    samples = {split: ev.sample_split(trainable, split, p) for split, p in splits.items()}
+    folder = out / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    save_samples(folder / "samples.npz", samples)
+    for split, s in samples.items():
+        write_grid(folder / f"grid_{split}.png", s.grid)
+        if base is not None:
+            write_grid(folder / f"compare_{split}.png", compare_grid(base[split].grid, s.grid))
+    extra = run.extra if tag != BASE_TAG else {}
+    result = {
+        "workdir": str(run.workdir),
+        "tag": tag,
+        "step": None if tag == BASE_TAG else run.step,
+        "base": tag == BASE_TAG,
+        "label": run_label(c.to_dict()),
+        "algo": str(c.algo),
+        "objective": train._objective(c),
+        "model": str(c.model),
+        "reward": str(c.reward.name),
+        "trajectories_seen": extra.get("trajectories_seen", 0),
+        "unique_trajectories": extra.get("unique_trajectories", 0),
+        "feature_model": ev.extractor.name,
+        "settings": _settings(run, ev),
+        "splits": {
+            split: split_metrics(s, None if base is None else base[split])
+            for split, s in samples.items()
+        },
+        "skipped": dict(skipped),
+    }
+    write_json(folder / "eval.json", result)
+    log.info("wrote %s", folder / "eval.json")
+    return result
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    base: bool = False,
+    prompts: str = "both",
+    num_per_prompt: int = 4,
+    seed: int = 0,
+    extra_rewards: Sequence[str] = (),
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    feature_model: str | None = None,
+    batch_size: int = 0,
+    test_prompts: Sequence[str] | None = None,
+    max_prompts: int = 0,
+    grid_prompts: int = 4,
+    grid_seeds: int = 4,
+    eta: float | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate checkpoint ``step`` (None: the latest) or the base model; return eval.json's dict.
+
+    Writes ``out/<step>/`` or ``out/base/`` (``out`` defaults to ``workdir/eval``); see the
+    module docstring. ``prompts`` is "train", "test" or "both"; ``batch_size`` 0 uses the
+    run's ``sample.chunk``; ``reward_options`` maps an extra reward's name to its options.
+    """
+    if prompts not in ("train", "test", "both"):
+        raise ValueError(f"prompts must be train, test or both, got {prompts!r}")
+    if num_per_prompt < 1:
+        raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+    run = restore_run(workdir, step, restore=not base)
+    if eta is not None:
+        run.config.sample.eta = float(eta)
+    wanted = SPLITS if prompts == "both" else (prompts,)
+    all_splits, skipped = prompt_splits(run.config, test_prompts, max_prompts)
+    splits = {s: all_splits[s] for s in wanted if all_splits[s]}
+    skipped = {s: why for s, why in skipped.items() if s in wanted}
+    for split, why in skipped.items():
+        log.warning("skipping the %s split: %s", split, why)
+    if not splits:
+        raise ValueError(f"nothing to evaluate: {'; '.join(skipped.values())}")
+    extractor = load_feature_extractor(
+        feature_model or default_feature_model(str(run.config.model))
+    )
+    scorers = {str(run.config.reward.name): run.model.reward}
+    options = dict(reward_options or {})
+    for name in extra_rewards:
+        scorers.setdefault(name, rewards.get(name, **dict(options.get(name, {}))))
+    ev = Evaluator(
+        run=run,
+        phases=train.build_phases(run.model, run.config, run.tx),
+        extractor=extractor,
+        rewards=scorers,
+        num_per_prompt=num_per_prompt,
+        seed=seed,
+        batch_size=batch_size or int(run.config.sample.chunk),
+        grid_prompts=grid_prompts,
+        grid_seeds=grid_seeds,
+        progress=progress,
+    )
+    out = Path(out) if out is not None else Path(workdir) / EVAL_DIR
+    if base:
+        return _evaluate_model(ev, run.initial, BASE_TAG, splits, skipped, out, None)
+    base_samples = _cached_base(out, _settings(run, ev), splits)
+    if base_samples is None:
+        _evaluate_model(ev, run.initial, BASE_TAG, splits, skipped, out, None)
+        base_samples = load_samples(out / BASE_TAG / "samples.npz")
+    else:
+        log.info("reusing the base model's samples in %s", out / BASE_TAG)
+    return _evaluate_model(ev, run.trainable, str(run.step), splits, skipped, out, base_samples)
+
+
+def summary_lines(result: Mapping[str, Any]) -> list[str]:
+    """Return human-readable lines of an eval.json dict (one per split and reward)."""
+    lines = [f"{result['tag']} ({result['label']}) of {result['workdir']}"]
+    for split, m in result["splits"].items():
+        for name, r in m["rewards"].items():
+            lines.append(f"  {split:5s} {name}: {r['mean']:.4g} ± {r['std']:.4g}")
+        d = m["diversity"]
+        pairwise = "n/a" if d["pairwise"] is None else f"{d['pairwise']:.4g}"
+        fd = m["frechet_to_base"]
+        lines.append(
+            f"  {split:5s} diversity: pairwise {pairwise}, Vendi {d['vendi']:.4g}"
+            + ("" if fd is None else f", Fréchet to base {fd:.4g}")
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+    """Define the command-line flags (only when run as a program)."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "the training run's folder")
+    flags.DEFINE_integer("step", None, "checkpoint epoch to evaluate (default: the latest)")
+    flags.DEFINE_bool("base", False, "evaluate the base model (no LoRA) instead")
+    flags.DEFINE_enum("prompts", "both", ["train", "test", "both"], "prompt splits")
+    flags.DEFINE_integer("num_per_prompt", 4, "images (seeds) per prompt")
+    flags.DEFINE_integer("seed", 0, "evaluation seed (the same noise for every checkpoint)")
+    flags.DEFINE_list("extra_rewards", [], "more rewards to score, e.g. aesthetic,hpsv2")
+    flags.DEFINE_string(
+        "reward_options", "{}", 'JSON options of extra rewards: {"aesthetic": {"head": "…"}}'
+    )
+    flags.DEFINE_string(
+        "feature_model", "", "CLIP folder or hub id, pixels[:S], or module:factory (default: auto)"
+    )
+    flags.DEFINE_integer("batch_size", 0, "images per compiled sampling call (0: sample.chunk)")
+    flags.DEFINE_multi_string("test_prompt", None, "held-out prompt (repeat; replaces the split)")
+    flags.DEFINE_integer("max_prompts", 0, "evaluate only the first N prompts of each split")
+    flags.DEFINE_integer("grid_prompts", 4, "prompts (rows) in the image grids")
+    flags.DEFINE_integer("grid_seeds", 4, "seeds (columns) in the image grids")
+    flags.DEFINE_float("eta", None, "DDIM η (default: the run's sample.eta)")
+    flags.DEFINE_string("out", None, "output folder (default: WORKDIR/eval)")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv) -> None:
+    """absl entry point."""
+    from absl import flags
+
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    f = flags.FLAGS
+    try:
+        result = evaluate(
+            f.workdir,
+            step=f.step,
+            base=f.base,
+            prompts=f.prompts,
+            num_per_prompt=f.num_per_prompt,
+            seed=f.seed,
+            extra_rewards=f.extra_rewards,
+            reward_options=json.loads(f.reward_options),
+            feature_model=f.feature_model or None,
+            batch_size=f.batch_size,
+            test_prompts=f.test_prompt,
+            max_prompts=f.max_prompts,
+            grid_prompts=f.grid_prompts,
+            grid_seeds=f.grid_seeds,
+            eta=f.eta,
+            out=f.out,
+        )
+    except (FileNotFoundError, ValueError, train.ConfigError, rewards.RewardError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("\n".join(summary_lines(result)), flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

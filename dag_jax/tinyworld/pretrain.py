@@ -1,0 +1,360 @@
+"""Pretrain the tiny world: tokenizer, CLIP, autoencoder, UNet — with the project's own modules.
+
+Stages, each a pure function of (recipe, what earlier stages produced):
+
+1. ``train_tokenizer``: a byte-level BPE on the training captions (``bpe.py``).
+2. ``train_clip``: a two-tower CLIP, contrastive (InfoNCE with every identical caption in the
+   batch counted as a positive).
+3. ``train_vae``: an AutoencoderKL, L1 reconstruction + a small KL (SD's 1e-6 per image sum),
+   decoding a posterior sample; its ``scaling_factor`` is then set to 1 / std of the latents.
+4. ``train_unet``: an ε-prediction UNet on SD's noise schedule, conditioned on the frozen CLIP
+   text tower's last hidden state, captions dropped 10 % of the time (for classifier-free
+   guidance), EMA weights kept and shipped.
+
+Every stage draws its examples from ``shapes.batch`` with its own stream seed, so a recipe and a
+seed give the same weights on the same software (XLA may differ across machines in the last
+bits). ``python -m dag_jax.pretrain_tiny`` runs all stages and writes the shipped folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dag_jax.diffusion.schedule import alphas_cumprod_from_config
+from dag_jax.models.clip import CLIPModel, l2_normalize
+from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dag_jax.models.vae import AutoencoderKL, VAEConfig
+from dag_jax.rewards.preprocess import normalize
+from dag_jax.tinyworld import bpe, models, shapes
+from dag_jax.weights.clip_loader import build_clip
+
+log = logging.getLogger(__name__)
+
+# stream seeds of the stages: example i of stage s is shapes.example(seed * 16 + s, i)
+_CLIP_STREAM, _VAE_STREAM, _UNET_STREAM, _EVAL_STREAM = 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Steps, batch sizes and learning rates of every stage (defaults: the shipped weights)."""
+
+    seed: int = 0
+    clip_steps: int = 2000
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 4000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_uncond_prob: float = 0.1
+    unet_ema: float = 0.999
+    latent_pool: int = 16384  # encoded training images the UNet stage draws from
+    warmup: int = 200
+    log_every: int = 100
+
+    def scaled(self, factor: float) -> Recipe:
+        """Return the recipe with every stage's steps (and the latent pool) times ``factor``.
+
+        Steps stay ≥ 1; a small factor gives a quick smoke run of the whole pipeline.
+        """
+        if factor == 1.0:
+            return self
+
+        def n(v: int) -> int:
+            return max(1, round(v * factor))
+
+        return dataclasses.replace(
+            self,
+            clip_steps=n(self.clip_steps),
+            vae_steps=n(self.vae_steps),
+            unet_steps=n(self.unet_steps),
+            latent_pool=max(self.unet_batch, n(self.latent_pool)),
+            log_every=n(self.log_every),
+        )
+
+    def stream(self, stage: int) -> int:
+        """Return the shapes-dataset seed of a stage."""
+        return self.seed * 16 + stage
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    """The trained tokenizer: its BPE merges and the loaded CLIPTokenizer."""
+
+    merges: list[str]
+    tokenizer: Any
+
+    def ids(self, texts: list[str] | tuple[str, ...]) -> np.ndarray:
+        """Return (N, TOKEN_LENGTH) int32 ids, padded like the SD pipeline pads."""
+        out = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=models.TOKEN_LENGTH,
+            truncation=True,
+            return_tensors="np",
+        )
+        return np.asarray(out["input_ids"], np.int32)
+
+
+def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
+    warmup = min(warmup, max(steps // 4, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+
+
+def _adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.01):
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(_schedule(lr, steps, warmup), 0.9, 0.99, 1e-8, weight_decay),
+    )
+
+
+def _log_progress(stage: str, step: int, total: int, loss: float, t0: float, every: int) -> None:
+    if step % every and step != total:
+        return
+    elapsed = time.time() - t0
+    eta = elapsed / step * (total - step)
+    log.info(
+        "%s %d/%d loss %.4f | %.2fs/step | ETA %.0fs", stage, step, total, loss, elapsed / step, eta
+    )
+
+
+def pixels_of(images_uint8: np.ndarray | jax.Array) -> jax.Array:
+    """Return CLIP pixel_values (B, 3, 64, 64) of uint8 NHWC images (no resize at 64 px)."""
+    x = normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0)
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def vae_input(images_uint8: np.ndarray | jax.Array) -> jax.Array:
+    """Return NCHW images in [-1, 1] of uint8 NHWC images."""
+    x = jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+# --------------------------------------------------------------------------- 1. tokenizer
+
+
+def train_tokenizer(folder) -> Tokenizer:
+    """Train the BPE on the training captions, write it to ``folder`` and load it back."""
+    from dag_jax.pipeline import load_tokenizer
+
+    merges = bpe.train_bpe(shapes.captions("train"))
+    bpe.write_clip_tokenizer(folder, merges, models.TOKEN_LENGTH)
+    return Tokenizer(merges, load_tokenizer(folder))
+
+
+# --------------------------------------------------------------------------- 2. CLIP
+
+
+def contrastive_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Return the symmetric InfoNCE loss; rows with equal ``labels`` are all positives."""
+    same = (labels[:, None] == labels[None, :]).astype(jnp.float32)
+    target = same / same.sum(axis=1, keepdims=True)
+    i2t = optax.softmax_cross_entropy(logits, target)
+    t2i = optax.softmax_cross_entropy(logits.T, target)
+    return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def clip_logits(module: CLIPModel, params, pixels: jax.Array, ids: jax.Array) -> jax.Array:
+    """Return (images, texts) logits: scaled cosine similarities (scale capped at 100)."""
+    img = module.apply({"params": params}, pixels, method=CLIPModel.get_image_features)
+    txt = module.apply({"params": params}, ids, method=CLIPModel.get_text_features)
+    scale = jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0)))
+    return scale * l2_normalize(img) @ l2_normalize(txt).T
+
+
+def train_clip(recipe: Recipe, tok: Tokenizer) -> tuple[dict, dict]:
+    """Return (transformers CLIPConfig dict, params) of the contrastively trained tiny CLIP."""
+    t = tok.tokenizer
+    config = models.clip_config(len(t), t.bos_token_id, t.eos_token_id, t.pad_token_id)
+    module, _ = build_clip(config)
+    caption_ids = jnp.asarray(tok.ids(shapes.all_captions()))
+    key = jax.random.key(recipe.seed)
+    px0 = jnp.zeros((1, 3, models.IMAGE_SIZE, models.IMAGE_SIZE))
+    params = module.init(key, caption_ids[:1], px0)["params"]
+    tx = _adamw(recipe.clip_lr, recipe.clip_steps, recipe.warmup, weight_decay=0.1)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, images, labels):
+        def loss_fn(p):
+            return contrastive_loss(
+                clip_logits(module, p, pixels_of(images), caption_ids[labels]), labels
+            )
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    t0 = time.time()
+    for i in range(recipe.clip_steps):
+        images, _, labels = shapes.batch(
+            recipe.stream(_CLIP_STREAM), i * recipe.clip_batch, recipe.clip_batch
+        )
+        params, opt, loss = step(params, opt, images, labels["caption"])
+        _log_progress("clip", i + 1, recipe.clip_steps, float(loss), t0, recipe.log_every)
+    return config, jax.device_get(params)
+
+
+def zero_shot(module: CLIPModel, params, tok: Tokenizer, images: np.ndarray, labels: dict) -> dict:
+    """Return zero-shot accuracies of CLIP on images: the caption among all, and per attribute."""
+    captions = shapes.all_captions()
+    logits = np.asarray(
+        jax.jit(lambda p, x, i: clip_logits(module, p, pixels_of(x), i))(
+            params, images, jnp.asarray(tok.ids(captions))
+        )
+    )
+    best = logits.argmax(axis=1)
+    out = {"caption": float(np.mean(best == labels["caption"]))}
+    parsed = [shapes.parse(captions[b]) for b in best]
+    names = {"kind": shapes.KINDS, "colour": shapes.SHAPE_COLOURS, "background": shapes.BACKGROUNDS}
+    for attr, values in names.items():
+        pred = np.array([values.index(p[attr]) for p in parsed])
+        out[attr] = float(np.mean(pred == labels[attr]))
+    out["count"] = float(np.mean(np.array([p["count"] for p in parsed]) == labels["count"]))
+    return out
+
+
+# --------------------------------------------------------------------------- 3. VAE
+
+
+def train_vae(recipe: Recipe) -> tuple[dict, dict]:
+    """Return (diffusers AutoencoderKL config dict with scaling_factor set, params)."""
+    config = dict(models.VAE_CONFIG)
+    module = AutoencoderKL(VAEConfig.from_dict(config))
+    key = jax.random.key(recipe.seed + 1)
+    x0 = jnp.zeros((1, 3, models.IMAGE_SIZE, models.IMAGE_SIZE))
+    params = module.init(key, x0)["params"]
+    tx = _adamw(recipe.vae_lr, recipe.vae_steps, recipe.warmup, weight_decay=0.0)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, images, key):
+        x = vae_input(images)
+
+        def loss_fn(p):
+            post = module.apply({"params": p}, x, method=module.encode).latent_dist
+            recon = module.apply({"params": p}, post.sample(key), method=module.decode).sample
+            rec = jnp.mean(jnp.abs(recon - x))
+            return rec + recipe.vae_kl_weight * jnp.mean(post.kl()) / x[0].size, rec
+
+        (_, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, rec
+
+    t0 = time.time()
+    for i in range(recipe.vae_steps):
+        images, _, _ = shapes.batch(
+            recipe.stream(_VAE_STREAM), i * recipe.vae_batch, recipe.vae_batch
+        )
+        params, opt, rec = step(params, opt, images, jax.random.fold_in(key, i))
+        _log_progress("vae", i + 1, recipe.vae_steps, float(rec), t0, recipe.log_every)
+    params = jax.device_get(params)
+    images, _, _ = shapes.batch(recipe.stream(_EVAL_STREAM), 0, 512)
+    means = encode_means(module, params, images)
+    config["scaling_factor"] = round(float(1.0 / np.std(means)), 5)
+    return config, params
+
+
+def encode_means(module: AutoencoderKL, params, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Return the posterior means (N, 4, 8, 8) of uint8 NHWC images."""
+    fn = jax.jit(
+        lambda p, x: (
+            module.apply({"params": p}, vae_input(x), method=module.encode).latent_dist.mean
+        )
+    )
+    return np.concatenate(
+        [np.asarray(fn(params, images[i : i + chunk])) for i in range(0, len(images), chunk)]
+    )
+
+
+# --------------------------------------------------------------------------- 4. UNet
+
+
+def train_unet(
+    recipe: Recipe,
+    tok: Tokenizer,
+    text_encoder: Callable[[jax.Array], jax.Array],
+    vae: tuple[AutoencoderKL, dict, dict],
+) -> tuple[dict, dict]:
+    """Return (diffusers UNet config dict, EMA params) of the text-conditioned latent UNet.
+
+    ``text_encoder`` maps (N, L) ids to (N, L, D) last hidden states (the frozen CLIP text
+    tower); ``vae`` is (module, params, config) of the trained autoencoder.
+    """
+    config = dict(models.UNET_CONFIG)
+    module = UNet2DConditionModel(UNetConfig.from_dict(config))
+    vae_module, vae_params, vae_config = vae
+    scale = vae_config["scaling_factor"]
+    # frozen parts, computed once: the text states of every caption (and of ""), the latent pool
+    captions = shapes.all_captions()
+    context = jnp.asarray(text_encoder(jnp.asarray(tok.ids(captions + ("",)))))
+    empty = len(captions)
+    images, _, labels = shapes.batch(recipe.stream(_UNET_STREAM), 0, recipe.latent_pool)
+    post = jax.jit(
+        lambda p, x: (
+            vae_module.apply({"params": p}, vae_input(x), method=vae_module.encode).latent_dist
+        )
+    )
+    stats = [post(vae_params, images[i : i + 256]) for i in range(0, len(images), 256)]
+    pool_mean = jnp.concatenate([s.mean for s in stats])
+    pool_std = jnp.concatenate([s.std for s in stats])
+    pool_caption = jnp.asarray(labels["caption"])
+    del images, stats
+    alphas = jnp.asarray(alphas_cumprod_from_config(models.SCHEDULER_CONFIG), jnp.float32)
+
+    key = jax.random.key(recipe.seed + 2)
+    s = config["sample_size"]
+    params = module.init(key, jnp.zeros((1, 4, s, s)), jnp.zeros((1,), jnp.int32), context[:1])[
+        "params"
+    ]
+    ema = params
+    tx = _adamw(recipe.unet_lr, recipe.unet_steps, recipe.warmup, weight_decay=0.0)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, ema, opt, key):
+        k_idx, k_z, k_t, k_eps, k_drop = jax.random.split(key, 5)
+        idx = jax.random.randint(k_idx, (recipe.unet_batch,), 0, pool_mean.shape[0])
+        z0 = (pool_mean[idx] + pool_std[idx] * jax.random.normal(k_z, pool_mean[idx].shape)) * scale
+        t = jax.random.randint(k_t, (recipe.unet_batch,), 0, alphas.shape[0])
+        eps = jax.random.normal(k_eps, z0.shape)
+        a = alphas[t][:, None, None, None]
+        zt = jnp.sqrt(a) * z0 + jnp.sqrt(1.0 - a) * eps
+        drop = jax.random.uniform(k_drop, (recipe.unet_batch,)) < recipe.unet_uncond_prob
+        ctx = context[jnp.where(drop, empty, pool_caption[idx])]
+
+        def loss_fn(p):
+            pred = module.apply({"params": p}, zt, t, ctx).sample
+            return jnp.mean((pred - eps) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(
+            lambda e, p: recipe.unet_ema * e + (1 - recipe.unet_ema) * p, ema, params
+        )
+        return params, ema, opt, loss
+
+    t0 = time.time()
+    for i in range(recipe.unet_steps):
+        params, ema, opt, loss = step(params, ema, opt, jax.random.fold_in(key, i))
+        _log_progress("unet", i + 1, recipe.unet_steps, float(loss), t0, recipe.log_every)
+    # early in a short run the EMA is still mostly the initialisation: debias it
+    debias = 1.0 - recipe.unet_ema**recipe.unet_steps
+    init = module.init(key, jnp.zeros((1, 4, s, s)), jnp.zeros((1,), jnp.int32), context[:1])[
+        "params"
+    ]
+    ema = jax.tree_util.tree_map(lambda e, p0: (e - (1 - debias) * p0) / debias, ema, init)
+    return config, jax.device_get(ema)
