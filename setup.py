@@ -13,6 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dag_jax", "dag_jax.*"]),
+    # the built-in tiny world (python -m dag_jax.pretrain_tiny): ~18 MB of safetensors + JSON
+    package_data={
+        "dag_jax.assets": ["tiny_sd/*", "tiny_sd/*/*", "tiny_clip/*", "figures/*.png"],
+    },
     install_requires=[
         "jax>=0.10",
         "jaxlib>=0.10",
@@ -40,7 +44,9 @@ setup(
             "peft>=0.11",
             "open_clip_torch>=2.24",
             "ruff>=0.6",
+            "matplotlib>=3.7",
         ],
         "tensorboard": ["tensorboardX>=2.6"],
+        "plot": ["matplotlib>=3.7"],
     },
 )
