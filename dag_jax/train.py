@@ -37,7 +37,7 @@ from dag_jax import parallel, rewards
 from dag_jax.algos import b2, dag, ddpo
 from dag_jax.algos.optim import GroupConfig, make_optimizer
 from dag_jax.algos.stats import PerPromptStatTracker
-from dag_jax.algos.transitions import Transitions, from_trajectory, take
+from dag_jax.algos.transitions import SHARED_FIELDS, Transitions, from_trajectory, take
 from dag_jax.checkpoint import Checkpointer
 from dag_jax.diffusion.sampler import Trajectory, branch_rollout, rollout, sample_keys
 from dag_jax.diffusion.schedule import Schedule, make_schedule
@@ -208,18 +208,7 @@ def load_model(config, mesh, task: bool = True) -> Model:
     )
     side = config.resolution or pipe.unet.config.sample_size
     latent_shape = (pipe.unet.config.in_channels, side, side)
-    flow = FlowNetwork(
-        FlowConfig(
-            in_channels=pipe.unet.config.in_channels,
-            cross_attention_dim=pipe.unet.config.cross_attention_dim,
-            block_out_channels=tuple(config.flow.block_out_channels),
-            down_block_types=_flow_blocks(len(config.flow.block_out_channels)),
-            layers_per_block=config.flow.layers_per_block,
-            attention_heads=config.flow.attention_heads,
-            norm_num_groups=min(32, min(config.flow.block_out_channels)),
-        ),
-        dtype=dtype,
-    )
+    flow = make_flow(config, pipe.unet.config)
     frozen = parallel.put(pipe.params, parallel.fsdp_shardings(mesh, pipe.params))
     prompts, prompt_ids, uncond, reward = [], np.zeros((0, 1), np.int32), None, None
     if task:
@@ -239,6 +228,22 @@ def load_model(config, mesh, task: bool = True) -> Model:
         uncond=uncond,
         reward=reward,
         latent_shape=latent_shape,
+    )
+
+
+def make_flow(config, unet_config) -> FlowNetwork:
+    """Return the flow network of ``config.flow`` for a UNet's latent channels and text width."""
+    return FlowNetwork(
+        FlowConfig(
+            in_channels=unet_config.in_channels,
+            cross_attention_dim=unet_config.cross_attention_dim,
+            block_out_channels=tuple(config.flow.block_out_channels),
+            down_block_types=_flow_blocks(len(config.flow.block_out_channels)),
+            layers_per_block=config.flow.layers_per_block,
+            attention_heads=config.flow.attention_heads,
+            norm_num_groups=min(32, min(config.flow.block_out_channels)),
+        ),
+        dtype=jnp.dtype(config.dtype),
     )
 
 
@@ -623,6 +628,26 @@ def train_on(
     return out
 
 
+def context_table(mesh, contexts: jax.Array, rows: int) -> jax.Array:
+    """Return a window's (N, L, D) context table padded to ``rows`` rows and replicated.
+
+    One fixed shape for every window (B² windows are ragged), so the train step compiles once;
+    replicated, so each device gathers its rows' contexts locally inside the step.
+    """
+    pad = rows - contexts.shape[0]
+    if pad > 0:
+        contexts = jnp.concatenate(
+            [contexts, jnp.zeros((pad,) + contexts.shape[1:], contexts.dtype)]
+        )
+    return jax.device_put(contexts, parallel.replicated(mesh))
+
+
+def micro_batch_shardings(mesh, batch: Transitions) -> Transitions:
+    """Return the shardings of a micro-batch: rows split over all devices, tables replicated."""
+    shardings = jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim), batch)
+    return shardings.replace(**{name: parallel.replicated(mesh) for name in SHARED_FIELDS})
+
+
 def update_window(model, phases, config, mesh, state, data: Collected, window, beta) -> dict:
     """Accumulate the gradients of a window's transitions; apply one optimizer update."""
     c = config
@@ -644,6 +669,9 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
         state_rewards=state_rewards,
         weight=jnp.asarray(data.weight[window]),
     )
+    batch = batch.replace(
+        contexts=context_table(mesh, batch.contexts, c.train.trajectories_per_step)
+    )
     mb = c.train.micro_batch
     rows = host_rng(c, state.epoch, 1000 + state.updates).permutation(batch.size)
     pad = (-rows.size) % mb
@@ -654,9 +682,7 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
     for lo in range(0, rows.size, mb):
         sub = take(batch, jnp.asarray(rows[lo : lo + mb]))
         sub = sub.replace(weight=sub.weight * jnp.asarray(weight[lo : lo + mb]))
-        sub = jax.device_put(
-            sub, jax.tree.map(lambda a: parallel.batch_sharding(mesh, a.ndim), sub)
-        )
+        sub = jax.device_put(sub, micro_batch_shardings(mesh, sub))
         grad_sum, m = phases.grad_step(
             state.trainable, model.frozen, sub, jnp.float32(beta), grad_sum
         )
