@@ -8,7 +8,7 @@ Reward: CLIP ViT-L/14 image embedding → LAION linear head (SPEC §8), jitted o
 The head file is published with LAION's improved-aesthetic-predictor. Default objective DAG-DB
 (β = 100, annealed over the first half); --config.algo=ddpo|dag_kl|b2 for the others.
 Expected time: ~3 h on a TPU v4-32 / 8×A100 (100 epochs × 512 trajectories × 50 steps); the
-:tiny variant (~1 min, CPU) swaps in the JPEG reward until the tiny CLIP ships (issue 7).
+:tiny variant (~1 min, CPU) runs the built-in tiny world with its ``tiny_clipscore`` reward.
 """
 
 import runpy

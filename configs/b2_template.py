@@ -10,7 +10,8 @@ intervals growing backward from 14 to 20 steps, history-pooled z-scores with ±0
 selection, PPO (ε = 0.1) 2 passes per stage, AdamW lr 1e-4. Reward: CLIPScore (OpenCLIP
 ViT-H-14); ``--config.reward.name=bertscore`` for the captioning-server reward. With
 ``b2.objective=dag_db|dag_kl`` the branch sampler and intervals drive the DAG objectives
-(selection off). Expected time: ~2 h on a TPU v4-32; :tiny ~1 min on a CPU (JPEG stand-in).
+(selection off). Expected time: ~2 h on a TPU v4-32; :tiny ~1 min on a CPU (tiny world,
+``tiny_clipscore``).
 """
 
 import runpy

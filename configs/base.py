@@ -6,7 +6,8 @@ prompts and algorithm. Every key a run may set exists here, so a misspelt overri
 
 Size variants (applied by ``base.variant``):
   (none)  the released SD1.5 settings (a TPU pod slice or a large GPU)
-  tiny    the built-in tiny random SD on a CPU: same math, batch and epochs scaled down (~1 min)
+  tiny    the built-in tiny world on a CPU: same math, batch and epochs scaled down (~1 min)
+  demo    the tiny world, large enough for the reward to rise visibly (minutes on a CPU)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import ml_collections
 
 ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
-TINY_PROMPTS = ("a red circle", "a blue square", "two green triangles", "a yellow star")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.algo = "dag_db"  # ddpo | dag_db | dag_kl | b2
     c.seed = 0
-    c.model = "runwayml/stable-diffusion-v1-5"  # diffusers folder, hub id, or random-tiny
+    c.model = "runwayml/stable-diffusion-v1-5"  # diffusers folder, hub id, tiny, random-tiny
     c.revision = ""
     c.variant = ""
     c.dtype = "bfloat16"  # compute dtype; params, trajectories, flows, rewards stay fp32
@@ -117,18 +117,20 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Scale ``c`` down to the built-in tiny random SD on a CPU (same math, ~1 minute)."""
-    c.model = "random-tiny"
-    c.prompts.name = "inline"
-    c.prompts.inline = TINY_PROMPTS
+    """Scale ``c`` down to the built-in tiny world on a CPU (same math, about a minute).
+
+    The model is the shipped tiny SD (64-px images, 8×8 latents) and the prompts its captions
+    (``tiny_shapes``). JPEG rewards stay; every other reward becomes ``tiny_clipscore``, the
+    tiny world's prompt alignment (the real reward models need weights a CPU run lacks).
+    """
+    c.model = "tiny"
+    c.prompts.name = "tiny_shapes"
     if not c.reward.name.startswith("jpeg_"):
-        # Stand-in until the tiny world ships a trained tiny CLIP (issue 7): the real reward
-        # models need their weights, which a CPU smoke run does not have.
-        c.reward.name = "jpeg_compressibility"
+        c.reward.name = "tiny_clipscore"
         c.reward.options = ml_collections.ConfigDict()
     c.dtype = "float32"
     c.remat = False
-    c.resolution = 8
+    c.resolution = 0
     c.sample.steps = 4
     c.sample.trajectories = 8
     c.sample.chunk = 8
@@ -151,7 +153,30 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = {"": lambda c: c, "tiny": tiny}
+def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tiny world at a size where the reward visibly rises: a few minutes on 2 CPU cores."""
+    c = tiny(c)
+    c.sample.steps = 10
+    c.sample.trajectories = 32
+    c.sample.chunk = 32
+    c.train.epochs = 20
+    c.train.trajectories_per_step = 16
+    c.train.micro_batch = 32
+    c.train.learning_rate = 1e-3
+    c.dag.baseline_group = 8
+    c.ddpo.tracker_min_count = 4
+    c.b2.prefixes = 8
+    c.b2.branches = 4
+    c.b2.stages = 20
+    c.b2.low = 6
+    c.b2.high = 10
+    c.log.grid_every_epochs = 10
+    c.log.grid_prompts = 4
+    c.log.grid_seeds = 4
+    return c
+
+
+VARIANTS = {"": lambda c: c, "tiny": tiny, "demo": demo}
 
 
 def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

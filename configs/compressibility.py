@@ -7,7 +7,8 @@ Reward: −(JPEG size in kB at quality 95), a host reward (PIL). Prompts: DDPO's
 classes (``imagenet_animals``: set --config.prompts.root to a folder with imagenet_classes.txt
 when offline). Default objective DAG-DB; --config.algo=ddpo|dag_kl|b2 for the others.
 Expected time: ~3 h on a TPU v4-32 / 8×A100 at the released 100 epochs × 512 trajectories;
-the :tiny variant ~1 min on a laptop CPU (random tiny SD, inline prompts).
+the :tiny variant ~1 min on a laptop CPU (the built-in tiny world and its captions);
+:demo a few minutes, with the reward visibly rising.
 """
 
 import runpy

@@ -6,7 +6,7 @@
 
 Reward: cosine of the HPS-fine-tuned OpenCLIP ViT-H-14 image and prompt embeddings, jitted.
 Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2. Expected time: ~4 h on a TPU v4-32 /
-8×A100; :tiny (~1 min, CPU) uses the JPEG stand-in.
+8×A100; :tiny (~1 min, CPU) uses the tiny world and ``tiny_clipscore``.
 """
 
 import runpy

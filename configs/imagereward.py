@@ -8,7 +8,8 @@
 
 Reward: ImageReward-v1.0, standardised (SPEC §8), scored on the host in PyTorch (see
 dag_jax/rewards/imagereward.py). Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2.
-Expected time: ~4 h on a TPU v4-32 / 8×A100; :tiny (~1 min, CPU) uses the JPEG stand-in.
+Expected time: ~4 h on a TPU v4-32 / 8×A100; :tiny (~1 min, CPU) uses the tiny world and
+``tiny_clipscore``.
 """
 
 import runpy

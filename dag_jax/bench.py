@@ -34,6 +34,30 @@ reward: images/s of each reward of ``dag_jax.rewards`` (``--reward=all`` or comm
 on a batch of ``--batch`` random ``--image_size`` images, with random-weight towers in ``--model``
 shapes (``tiny`` or ``sd15-random``: CLIP ViT-L/14, OpenCLIP ViT-H-14, ImageReward's BLIP);
 JAX-native rewards jitted (compile_s apart), host rewards eager. See ``dag_jax/bench_reward.py``.
+
+tinyworld: reward before (first epoch) and after (last epoch) of ``configs/<task>.py:demo`` runs
+in the built-in tiny world, per ``--tasks`` × ``--algos`` × ``--seeds``; a mean ± std table.
+See ``dag_jax/bench_tinyworld.py``.
+
+memory: per-device bytes of the real DAG-DB ``grad_step`` of ``dag_jax.train`` (LoRA + flow,
+bf16 compute, remat, ``--micro_batch`` transitions, default 64) in ``--model`` shapes, compiled
+(never run) on abstract sharded inputs on a ("data", "fsdp") mesh of all devices, per fsdp size
+of ``--fsdp`` (default 1,2,4,8; on CPU use XLA_FLAGS=--xla_force_host_platform_device_count=8).
+Metrics (``compiled.memory_analysis()``), per size N:
+  fsdpN/param_bytes      the frozen UNet's shard per device
+  fsdpN/argument_bytes, fsdpN/output_bytes, fsdpN/temp_bytes, fsdpN/total_bytes, fsdpN/compile_s
+  param_bytes_ratio_fsdpN_vs_fsdp1   largest N's param_bytes ÷ fsdp 1's (SD1.5 target ≤ 0.2)
+
+train: one optimizer step of ``train.update_window`` per ``--algos`` (ddpo, dag_db, dag_kl;
+b2 is skipped, its step being ddpo's): ``--batch`` trajectories × ``--steps`` transitions in
+micro-batches of ``--micro_batch`` (default 16), DAG's forward-looking rewards included (UNet
+x̂₀, VAE decode, a mean-brightness JAX reward), against a PyTorch reference of the same loss
+(diffusers UNet + peft LoRA on to_q/k/v/out, a torch flow built from diffusers blocks, AdamW)
+on the same weights and trajectories. Metrics per impl, named ``ALGO/...``:
+  step_s, step_min_s, transitions_per_s, first_step_s (dag_jax: with compilation), loss (first
+  step, same inputs), achieved_tflops, mfu (XLA's count of the step without remat, shared by
+  both impls), speedup_vs_torch_ref and check_loss_rel_diff (dag_jax).
+See ``dag_jax/bench_train.py``.
 """
 
 from __future__ import annotations
@@ -101,6 +125,13 @@ class Settings:
     check_tol: float = 0.0  # relative L2 of ε̃; 0 = by dtype: 1e-4 (fp32) or 0.1 (bf16)
     reward: str = "all"  # reward bench: "all" or comma-separated reward names
     image_size: int = 0  # reward bench: image side; 0 = by model (tiny 64, sd15-random 512)
+    tasks: str = "compressibility,alignment"  # tinyworld bench: configs/<task>.py:demo
+    algos: str = "ddpo,dag_db,dag_kl,b2"  # tinyworld bench
+    seeds: int = 1  # tinyworld bench: seeds seed, seed+1, ...
+    epochs: int = 0  # tinyworld bench: 0 = the demo config's
+    workdir: str = ""  # tinyworld bench: where runs are kept ("" = a temporary folder)
+    micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
+    fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
     json: str | None = None
 
     def impls(self) -> tuple[str, ...]:
@@ -547,10 +578,36 @@ def bench_toy2d(settings: Settings) -> list[dict]:
     return toy2d.bench_toy2d(settings)
 
 
+def bench_tinyworld(settings: Settings) -> list[dict]:
+    """Return the reward rise of demo runs in the tiny world (``dag_jax.bench_tinyworld``)."""
+    from dag_jax import bench_tinyworld as tw
+
+    records = tw.bench_tinyworld(settings)
+    print(tw.format_rise(records))
+    return records
+
+
+def bench_memory(settings: Settings) -> list[dict]:
+    """Return per-device memory of the sharded train step per fsdp size (``bench_train``)."""
+    from dag_jax import bench_train
+
+    return bench_train.bench_memory(settings)
+
+
+def bench_train(settings: Settings) -> list[dict]:
+    """Return one optimizer step's speed per algorithm vs PyTorch (``bench_train``)."""
+    from dag_jax import bench_train as bt
+
+    return bt.bench_train(settings)
+
+
 BENCHES: dict[str, Callable[[Settings], list[dict]]] = {
     "sampler": bench_sampler,
     "reward": bench_reward,
     "toy2d": bench_toy2d,
+    "tinyworld": bench_tinyworld,
+    "memory": bench_memory,
+    "train": bench_train,
 }
 
 
@@ -610,6 +667,15 @@ def define_flags() -> None:
     flags.DEFINE_float("check_tol", 0.0, "--check tolerance (relative L2 of eps); 0 = by dtype")
     flags.DEFINE_string("reward", "all", "reward bench: 'all' or comma-separated reward names")
     flags.DEFINE_integer("image_size", 0, "reward bench: image side; 0 = by --model")
+    flags.DEFINE_string("tasks", "compressibility,alignment", "tinyworld: configs/<task>.py:demo")
+    flags.DEFINE_string("algos", "ddpo,dag_db,dag_kl,b2", "tinyworld, train: algorithms")
+    flags.DEFINE_integer("seeds", 1, "tinyworld: number of seeds, from --seed")
+    flags.DEFINE_integer("epochs", 0, "tinyworld: epochs per run (0 = the demo config's)")
+    flags.DEFINE_string("workdir", "", "tinyworld: folder for the runs (default: temporary)")
+    flags.DEFINE_integer(
+        "micro_batch", 0, "memory/train: transitions per train step (0: memory 64, train 16)"
+    )
+    flags.DEFINE_string("fsdp", "1,2,4,8", "memory: fsdp sizes of the (data, fsdp) mesh")
     flags.DEFINE_string("json", None, "write the records to this JSON file")
 
 

@@ -49,16 +49,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_unet(config: Mapping, seed: int, device: torch.device) -> UNet2DConditionModel:
-    """Return an eval-mode fp32 diffusers UNet with random weights (zero biases given noise)."""
+def build_random(cls, config: Mapping, seed: int, device: torch.device) -> torch.nn.Module:
+    """Return an eval-mode fp32 diffusers model of ``cls`` with random weights.
+
+    Zero-initialised tensors (biases, zero-init output convs) get small noise: zeros would
+    hide conversion errors.
+    """
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for p in unet.parameters():
-            if not p.any():  # zero-initialised tensors would hide conversion errors
+        for p in model.parameters():
+            if not p.any():
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return unet.to(device).eval()  # parameters are fp32 as built
+    return model.to(device).eval()  # parameters are fp32 as built
+
+
+def build_unet(config: Mapping, seed: int, device: torch.device) -> UNet2DConditionModel:
+    """Return an eval-mode fp32 diffusers UNet with random weights (zero biases given noise)."""
+    return build_random(UNet2DConditionModel, config, seed, device)
 
 
 def state_dict_numpy(unet: UNet2DConditionModel) -> dict[str, np.ndarray]:
@@ -69,15 +78,16 @@ def state_dict_numpy(unet: UNet2DConditionModel) -> dict[str, np.ndarray]:
 def guided_eps(
     unet: UNet2DConditionModel,
     x: torch.Tensor,  # (B, C, H, W) fp32
-    t: torch.Tensor,  # () int
+    t: torch.Tensor,  # () or (B,) int
     context: torch.Tensor,  # (B, L, D)
     uncond: torch.Tensor,  # (B, L, D)
     guidance: float,
 ) -> torch.Tensor:
     """Return ε̃ = ε(∅) + w·(ε(c) − ε(∅)) from one UNet call on the [uncond; cond] batch."""
     b = x.shape[0]
+    t = t.expand(b) if t.ndim == 0 else t
     out = unet(
-        torch.cat([x, x]), t.expand(2 * b), encoder_hidden_states=torch.cat([uncond, context])
+        torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, context])
     ).sample
     e_u, e_c = out[:b], out[b:]
     e_u, e_c = e_u.float(), e_c.float()
@@ -93,13 +103,30 @@ def ddim_step_logprob(
     noise: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x_s, (B,) mean-reduced log N(x_s; μ, σ²I)) of one DDIM step with η (ε-prediction)."""
+    mean, sigma = ddim_mean_sigma(x_t, eps, alpha_t, alpha_s, eta)
+    x_s = mean + sigma * noise
+    return x_s, gaussian_logprob(x_s, mean, sigma)
+
+
+def ddim_mean_sigma(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_t: torch.Tensor,  # () or broadcastable against x_t
+    alpha_s: torch.Tensor,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (μ, σ) of the DDIM-with-η policy N(μ, σ²I) at x_t (ε-prediction, SPEC §2)."""
     x0 = (x_t - torch.sqrt(1 - alpha_t) * eps) / torch.sqrt(alpha_t)
     var = (1 - alpha_s) / (1 - alpha_t) * (1 - alpha_t / alpha_s)
     sigma = eta * torch.sqrt(torch.clamp(var, min=0.0))
     mean = torch.sqrt(alpha_s) * x0 + torch.sqrt(torch.clamp(1 - alpha_s - sigma**2, min=0.0)) * eps
-    x_s = mean + sigma * noise
-    logp = -((x_s - mean) ** 2) / (2 * sigma**2) - torch.log(sigma) - _HALF_LOG_2PI
-    return x_s, logp.mean(dim=tuple(range(1, x_t.ndim)))
+    return mean, sigma
+
+
+def gaussian_logprob(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Return the (B,) mean over elements of log N(x; mean, std²)."""
+    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    return logp.mean(dim=tuple(range(1, x.ndim)))
 
 
 @torch.no_grad()

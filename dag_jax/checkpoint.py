@@ -86,7 +86,9 @@ class Checkpointer:
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be ≥ 1 or None, got {max_to_keep}")
-        self.directory = epath.Path(directory)
+        # orbax needs absolute paths for array data (a relative workdir is common on the CLI)
+        local = not str(directory).startswith(("gs://", "s3://"))
+        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,

@@ -146,6 +146,20 @@ def load_tokenizer(tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+def builtin_path(path_or_id: str | os.PathLike) -> str | os.PathLike:
+    """Return the folder of a built-in model name ("tiny"), or ``path_or_id`` unchanged."""
+    if str(path_or_id) != "tiny":
+        return path_or_id
+    from dag_jax.assets import TINY_SD
+
+    if not (TINY_SD / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the built-in tiny model is missing from {TINY_SD}; rebuild it with "
+            "`python -m dag_jax.pretrain_tiny` (or reinstall dag_jax)"
+        )
+    return TINY_SD
+
+
 def load_pipeline(
     path_or_id: str | os.PathLike,
     dtype: jnp.dtype = jnp.float32,
@@ -153,8 +167,11 @@ def load_pipeline(
     revision: str | None = None,
     remat: bool = False,
 ) -> Pipeline:
-    """Return a Pipeline from a local diffusers folder or a hub repo id (fp32 params)."""
-    root = folder.resolve(path_or_id, revision)
+    """Return a Pipeline from a local diffusers folder or a hub repo id (fp32 params).
+
+    ``"tiny"`` is the built-in tiny world shipped in the package (``dag_jax.assets.TINY_SD``).
+    """
+    root = folder.resolve(builtin_path(path_or_id), revision)
     model_index = folder.read_json(root / "model_index.json")
     configs = {part: folder.read_json(root / part / "config.json") for part in PARTS}
     scheduler_config = folder.read_json(root / "scheduler" / "scheduler_config.json")

@@ -3,8 +3,9 @@
     python -m dag_jax.sample --model=PATH_OR_HUB_ID --prompt="a photo of a cat" \
         --num_images=4 --steps=50 --guidance=7.5 --eta=0.0 --seed=0 --out=DIR
 
-``--model=random-tiny`` uses a randomly initialised SD in diffusers' tiny test shapes (no
-download; the images are noise-like, useful to check an install end to end).
+``--model=tiny`` (the default) is the built-in tiny world (64-px coloured shapes, prompts like
+"two red circles on a blue background"); ``--model=random-tiny`` a randomly initialised SD in
+diffusers' tiny test shapes (noise-like images, for plumbing checks).
 """
 
 from __future__ import annotations
@@ -103,13 +104,28 @@ def save_images(images: np.ndarray, out_dir: Path, prefix: str = "") -> list[Pat
     return paths
 
 
+def write_grid(path: Path, images: list[np.ndarray], per_row: int, scale: int = 1) -> Path:
+    """Write one PNG of all images, one prompt per row, each pixel repeated ``scale``×."""
+    from PIL import Image
+
+    from dag_jax.metrics import image_grid
+
+    array = np.concatenate(images)
+    if scale > 1:
+        array = array.repeat(scale, axis=1).repeat(scale, axis=2)
+    Image.fromarray(image_grid(array, rows=len(array) // per_row)).save(path)
+    return path
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Define this entry point's command-line flags (only when run as a program)."""
-    flags.DEFINE_string("model", "random-tiny", "diffusers folder, hub repo id, or random-tiny")
-    flags.DEFINE_multi_string("prompt", ["a photo of a cat"], "prompt (repeat for several)")
+    flags.DEFINE_string("model", "tiny", "diffusers folder, hub repo id, tiny or random-tiny")
+    flags.DEFINE_multi_string(
+        "prompt", ["two red circles on a blue background"], "prompt (repeat for several)"
+    )
     flags.DEFINE_integer("num_images", 4, "images per prompt")
     flags.DEFINE_integer("steps", 50, "DDIM steps")
     flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
@@ -118,6 +134,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "images per compiled call")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
     flags.DEFINE_string("out", "samples", "output folder for PNGs")
+    flags.DEFINE_integer("grid_scale", 0, "also write grid.png (prompts × images), upscaled ×N")
 
 
 def main(argv):
@@ -130,7 +147,7 @@ def main(argv):
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     out = Path(FLAGS.out)
     start = time.time()
-    written = []
+    written, all_images = [], []
     for b in range(0, len(prompts), FLAGS.batch_size):
         chunk = prompts[b : b + FLAGS.batch_size]
         imgs = generate(
@@ -143,7 +160,10 @@ def main(argv):
             index_offset=b,
         )
         written += save_images(imgs, out, prefix=f"{b:04d}_")
+        all_images.append(imgs)
         print(f"[sample] {len(written)}/{len(prompts)} images, {time.time() - start:.1f}s")
+    if FLAGS.grid_scale:
+        write_grid(out / "grid.png", all_images, FLAGS.num_images, FLAGS.grid_scale)
     (out / "prompts.txt").write_text("\n".join(f"{p.name}\t{q}" for p, q in zip(written, prompts)))
     print(f"[sample] wrote {len(written)} PNGs to {out}")
 

@@ -761,12 +761,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopS
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     model = load_model(config, mesh)
     key = jax.random.key(config.seed)
-    trainable = init_trainable(model, config, jax.random.fold_in(key, 1 << 31))
+    # committed, replicated from the start: the arrays the jitted phases return look the same,
+    # so epoch 2 reuses epoch 1's programs instead of compiling them again
+    replicate = functools.partial(_replicate, mesh)
+    trainable = replicate(init_trainable(model, config, jax.random.fold_in(key, 1 << 31)))
     tx = make_tx(config, trainable)
     state = LoopState(
         epoch=0,
         trainable=trainable,
-        opt_state=tx.init(trainable),
+        opt_state=replicate(tx.init(trainable)),
         tracker=PerPromptStatTracker(config.ddpo.tracker_buffer, config.ddpo.tracker_min_count),
         history=b2.RewardHistory(config.b2.history),
     )
@@ -822,6 +825,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopS
             ckpt.wait_until_finished()
         writer.close()
     return state
+
+
+def _replicate(mesh, tree):
+    """Return ``tree`` as arrays replicated over ``mesh``."""
+    rep = parallel.replicated(mesh)
+    return parallel.put(tree, jax.tree.map(lambda _: rep, tree))
 
 
 def _arrays(state: LoopState) -> dict:

@@ -354,3 +354,17 @@ def test_checkpoints_without_any_commit_marker_still_count(tmp_path, caplog):
         assert ckpt.all_epochs() == [1, 2]
         assert ckpt.restore(_template())[0] == 2
     assert _warnings(caplog) == []
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+    """The CLI's ``--workdir=runs/x`` is relative; orbax needs absolute paths for arrays."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    monkeypatch.chdir(tmp_path)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = jax.device_put(_state(2), NamedSharding(mesh, PartitionSpec()))  # as the trainer's
+    with Checkpointer(Path("runs/rel")) as ckpt:
+        assert ckpt.save(2, state, _extra(2))
+    epoch, state, extra = _restore(Path("runs/rel"))
+    assert epoch == 2 and extra["epoch"] == 2
+    _assert_tree_equal(state, _state(2))

@@ -50,7 +50,11 @@ TINY_CLIP = {
 def tiny_config(**overrides):
     """Return compressibility.py:tiny scaled down further, with dotted-path overrides."""
     cfg = runpy.run_path(str(ROOT / "configs" / "compressibility.py"))["get_config"]("tiny")
-    settings = {
+    settings = {  # the random tiny SD and inline prompts: plumbing at the smallest size
+        "model": "random-tiny",
+        "resolution": 8,
+        "prompts.name": "inline",
+        "prompts.inline": ("a red circle", "a blue square", "two green triangles", "a yellow star"),
         "algo": "ddpo",
         "train.epochs": 2,
         "sample.steps": 2,

@@ -20,10 +20,25 @@ from dag_jax import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(config_file: str = "compressibility.py", arg: str = "tiny", **overrides):
-    """Return a config file's config with dotted overrides applied (as the CLI would)."""
+def tiny_config(
+    config_file: str = "compressibility.py", arg: str = "tiny", world: bool = False, **overrides
+):
+    """Return a config file's config with dotted overrides applied (as the CLI would).
+
+    Unless ``world``, the model is the random tiny SD at 8×8 latents with inline prompts (the
+    plumbing at its smallest); ``world=True`` keeps the :tiny variant's built-in tiny world.
+    """
     cfg = runpy.run_path(str(ROOT / "configs" / config_file))["get_config"](arg)
     cfg.log.grid_every_epochs = 0
+    if not world:
+        cfg.model, cfg.resolution = "random-tiny", 8
+        cfg.prompts.name = "inline"
+        cfg.prompts.inline = (
+            "a red circle",
+            "a blue square",
+            "two green triangles",
+            "a yellow star",
+        )
     for dotted, value in overrides.items():
         node = cfg
         *parents, leaf = dotted.split("__")

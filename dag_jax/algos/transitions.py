@@ -2,10 +2,16 @@
 
 Every objective trains on transitions cut from sampled trajectories. Everything stored is fp32
 (SPEC §2: bf16 storage breaks PPO ratios at the last steps).
+
+The prompt embeddings are not stored per transition (77×768 fp32 is 236 KB a row at SD1.5, ~6 GB
+for a 512-trajectory × 50-step epoch): a batch holds one table ``contexts`` (one row per
+trajectory) and each transition the index of its row, ``context_index``. ``batch.context``
+gathers the (B, L, D) embeddings where it is used, i.e. inside the compiled loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.struct
@@ -31,17 +37,31 @@ class Transitions:
     initial: jax.Array  # (B,) bool, x_t is the first state x_T (drawn from the N(0, I) prior)
     log_prob: jax.Array  # (B,) log p_old(x_s | x_t) stored at sampling
     eps: jax.Array  # (B, *x) guided ε̃_old(x_t) stored at sampling
-    context: jax.Array  # (B, L, D) prompt embeddings
+    context_index: jax.Array  # (B,) int32 row of ``contexts`` holding the prompt embedding
     prompt: jax.Array  # (B,) int32 prompt index
     advantage: jax.Array  # (B,) fp32 (DDPO / B²; zeros otherwise)
     reward_t: jax.Array  # (B,) fp32 forward-looking reward of x_t (DAG; zeros otherwise)
     reward_s: jax.Array  # (B,) fp32 forward-looking reward of x_s, r(x_0) when terminal
     weight: jax.Array  # (B,) fp32 loss weight: 0 drops a row (B² selection, padding)
+    contexts: jax.Array  # (N, L, D) prompt embeddings shared by the rows (SHARED_FIELDS)
 
     @property
     def size(self) -> int:
         """Return the number of transitions B."""
         return self.x_t.shape[0]
+
+    @property
+    def context(self) -> jax.Array:
+        """Return the (B, L, D) prompt embeddings of the rows, gathered from ``contexts``."""
+        return jnp.take(self.contexts, self.context_index, axis=0)
+
+
+SHARED_FIELDS = ("contexts",)  # fields that are tables, not one entry per transition
+
+
+def row_fields(batch: Transitions) -> tuple[str, ...]:
+    """Return the names of the per-transition fields (leading dim B)."""
+    return tuple(f.name for f in dataclasses.fields(batch) if f.name not in SHARED_FIELDS)
 
 
 def from_trajectory(
@@ -57,7 +77,8 @@ def from_trajectory(
     ``advantage`` is per trajectory (B,); ``state_rewards`` (B, K+1) holds one forward-looking
     reward per state (the last one r(x_0)), so each state's reward is computed once and shared
     by the two transitions that touch it. ``weight`` (B,) weighs each trajectory's rows in
-    the loss (default 1).
+    the loss (default 1). The trajectories' contexts (B, L, D) become the ``contexts`` table,
+    row b·K + k pointing at its row b.
     """
     b, k = traj.log_probs.shape
     steps = traj.start + jnp.arange(k)
@@ -80,7 +101,7 @@ def from_trajectory(
         initial=per_step(steps == 0),
         log_prob=flat(traj.log_probs),
         eps=flat(traj.eps),
-        context=per_traj(traj.context),
+        context_index=per_traj(jnp.arange(b, dtype=jnp.int32)),
         prompt=per_traj(jnp.asarray(prompt, jnp.int32)),
         advantage=zeros if advantage is None else per_traj(jnp.asarray(advantage, jnp.float32)),
         reward_t=reward_t,
@@ -88,6 +109,7 @@ def from_trajectory(
         weight=jnp.ones((b * k,), jnp.float32)
         if weight is None
         else per_traj(jnp.asarray(weight, jnp.float32)),
+        contexts=traj.context,
     )
 
 
@@ -98,8 +120,8 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def take(batch: Transitions, index: jax.Array) -> Transitions:
-    """Return the transitions at ``index`` (a permutation or a subset), all fields alike."""
-    return jax.tree_util.tree_map(lambda a: a[index], batch)
+    """Return the transitions at ``index`` (a permutation or a subset); the tables stay whole."""
+    return batch.replace(**{name: getattr(batch, name)[index] for name in row_fields(batch)})
 
 
 def policy_terms(

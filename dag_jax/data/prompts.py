@@ -24,6 +24,9 @@ Sets (``names()``), what they are for, and where their file comes from (``SOURCE
   ``hpdv2_<style>``: one style. Metadata: ``{"style": ...}``.
 - ``b2_template1`` / ``2`` / ``3``: the B²-DiffuRL prompt templates, train and test as the
   files give them.
+- ``tiny_shapes``: the captions of the built-in tiny world (``dag_jax.tinyworld.shapes``),
+  e.g. "two red circles on a blue background": 333 train, 45 test (every caption of the held-out
+  colour/kind/background triples). Needs no file. Metadata: the parsed attributes.
 
 Where the files are looked for: ``load(name, root=...)``, else the folder in the environment
 variable ``DAG_JAX_PROMPTS``, both laid out like ``../shared/data/prompts`` (``FILES``). With
@@ -347,7 +350,19 @@ def _b2(k: int):
     return files, build
 
 
+def _tiny_shapes(name: str, paths: dict[str, Path]) -> PromptSet:
+    """The tiny world's captions: held-out (colour, kind, background) triples are the test."""
+    from dag_jax.tinyworld import shapes
+
+    def meta(captions):
+        return tuple(shapes.parse(c) for c in captions)
+
+    train, test = shapes.captions("train"), shapes.captions("test")
+    return PromptSet(name, train, test, meta(train), meta(test))
+
+
 _BUILDERS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "tiny_shapes": ((), _tiny_shapes),
     "simple_animals": _lines_set("simple_animals.txt"),
     "imagenet_animals": _lines_set("imagenet_classes.txt", 0, 398),
     "imagenet_all": _lines_set("imagenet_classes.txt"),

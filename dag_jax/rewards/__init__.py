@@ -25,6 +25,7 @@ _FACTORIES: dict[str, str] = {
     "aesthetic": "dag_jax.rewards.aesthetic:aesthetic",
     "clipscore": "dag_jax.rewards.clipscore:clipscore",
     "hpsv2": "dag_jax.rewards.clipscore:hpsv2",
+    "tiny_clipscore": "dag_jax.rewards.clipscore:tiny_clipscore",
     "imagereward": "dag_jax.rewards.imagereward:imagereward",
     "bertscore": "dag_jax.rewards.captioning:bertscore",
 }

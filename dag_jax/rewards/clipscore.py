@@ -146,6 +146,33 @@ def hpsv2(
     return _build("hpsv2", checkpoint, model_config, tokenizer, dtype, preprocess, extra)
 
 
+def tiny_clipscore(
+    clip: str | os.PathLike | None = None, dtype: str = "float32", preprocess: str = "pil"
+) -> Reward:
+    """Return the tiny world's prompt-alignment reward: cosine of the tiny CLIP's embeddings.
+
+    ``clip``: a transformers CLIPModel folder with its tokenizer (default: the built-in tiny
+    CLIP, ``dag_jax.assets.TINY_CLIP``, trained by ``python -m dag_jax.pretrain_tiny``). Same
+    score as ``clipscore``, with transformers' ``CLIPModel`` layout instead of OpenCLIP's.
+    """
+    from dag_jax.assets import TINY_CLIP
+    from dag_jax.weights.clip_loader import load_clip
+
+    name = "tiny_clipscore"
+    path = Path(clip).expanduser() if clip is not None else TINY_CLIP
+    if not (path / "config.json").is_file():
+        raise RewardError(
+            f"reward {name!r}: no CLIP folder at {path} (the built-in one is written by "
+            "`python -m dag_jax.pretrain_tiny`)"
+        )
+    compute = parse_dtype(dtype, name)
+    method = check_preprocess(preprocess, name)
+    tok = load_tokenizer(path, name)
+    module, params, _ = load_clip(path, compute)
+    config = dict(clip=str(path), dtype=str(dtype), preprocess=method)
+    return clip_similarity_reward(name, module, params, tok, method, config)
+
+
 def _build(
     name: str,
     checkpoint: str | os.PathLike,

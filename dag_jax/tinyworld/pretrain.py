@@ -55,7 +55,7 @@ class Recipe:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     unet_uncond_prob: float = 0.1

@@ -1,0 +1,292 @@
+"""The built-in tiny world: dataset, tokenizer, pretraining pipeline, shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dag_jax.tinyworld import bpe, models, shapes
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_examples_are_pure_functions_of_seed_split_and_index():
+    a, caps_a, lab_a = shapes.batch(3, 10, 6)
+    b, caps_b, lab_b = shapes.batch(3, 12, 2)  # a different cut of the same stream
+    np.testing.assert_array_equal(a[2:4], b)
+    assert caps_a[2:4] == caps_b
+    c, _, _ = shapes.batch(4, 10, 6)
+    assert not np.array_equal(a, c)
+    assert a.dtype == np.uint8 and a.shape == (6, 64, 64, 3)
+    assert set(lab_a) == {"kind", "colour", "background", "count", "caption"}
+
+
+def test_splits_hold_out_whole_triples():
+    train, test = set(shapes.triples("train")), set(shapes.triples("test"))
+    assert train and test and not train & test
+    assert len(train | test) == len(shapes.SHAPE_COLOURS) * len(shapes.KINDS) * (
+        len(shapes.BACKGROUNDS)
+    ) - len(shapes.KINDS) * len(shapes.SHAPE_COLOURS)  # no shape on its own colour
+    _, captions, labels = shapes.batch(0, 0, 64, "test")
+    for caption in captions:
+        p = shapes.parse(caption)
+        assert (p["colour"], p["kind"], p["background"]) in test
+    assert set(captions) <= set(shapes.captions("test"))
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes.triples("val")
+
+
+def test_images_show_their_caption():
+    """The colours in an image are its caption's, and the count is right (from the pixels)."""
+    from scipy import ndimage
+
+    images, captions, labels = shapes.batch(1, 0, 32)
+    for image, caption in zip(images, captions, strict=True):
+        p = shapes.parse(caption)
+        fg = np.asarray(shapes.PALETTE[p["colour"]], np.float32)
+        bg = np.asarray(shapes.PALETTE[p["background"]], np.float32)
+        px = image.reshape(-1, 3).astype(np.float32)
+        near_fg = np.abs(px - fg).max(axis=1) <= shapes.COLOUR_JITTER + 1
+        near_bg = np.abs(px - bg).max(axis=1) <= shapes.COLOUR_JITTER + 1
+        assert near_bg.mean() > 0.4  # mostly background
+        assert near_fg.sum() >= 20  # and some shape (the smallest: a triangle of ~45 px)
+        _, blobs = ndimage.label(near_fg.reshape(64, 64))
+        assert blobs == p["count"], caption
+
+
+def test_captions_parse_back():
+    for caption in shapes.all_captions():
+        p = shapes.parse(caption)
+        assert shapes.caption(p["kind"], p["colour"], p["background"], p["count"]) == caption
+    assert shapes.parse("a photo of a cat") is None
+    assert shapes.parse("two red circle on a blue background") is None  # plural mismatch
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_bpe_learns_whole_words_and_loads_as_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    merges = bpe.train_bpe(shapes.captions("train"))
+    assert merges == bpe.train_bpe(shapes.captions("train"))  # deterministic
+    bpe.write_clip_tokenizer(tmp_path, merges, models.TOKEN_LENGTH)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert tok.model_max_length == models.TOKEN_LENGTH
+    words = {w for c in shapes.all_captions() for w in c.split()}
+    for word in words:
+        assert tok.tokenize(word) == [word + "</w>"], word
+    ids = tok("three blue squares on a white background")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 9
+    # an unseen word still tokenizes (into bytes and learnt pieces), never to an unknown id
+    assert tok.unk_token_id not in tok("a zebra")["input_ids"][1:-1]
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    """Run the whole pretraining CLI at a tiny scale (a few steps per stage)."""
+    from dag_jax import pretrain_tiny
+    from dag_jax.tinyworld import pretrain
+
+    work = tmp_path_factory.mktemp("pretrain")
+    recipe = pretrain.Recipe(
+        clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=8,
+        latent_pool=16, log_every=1,
+    )  # fmt: skip
+    world = pretrain_tiny.build_world(work / "stages", recipe)
+    clip_path, sd_path = pretrain_tiny.write_world(world, work / "out")
+    return work, recipe, world, clip_path, sd_path
+
+
+def test_pretraining_writes_loadable_folders(smoke_world):
+    from dag_jax.pipeline import load_pipeline
+    from dag_jax.weights.clip_loader import load_clip
+
+    _, _, world, clip_path, sd_path = smoke_world
+    pipe = load_pipeline(sd_path)
+    assert pipe.latent_shape == (4, 8, 8) and pipe.vae_scale_factor == 8
+    assert pipe.tokenizer.model_max_length == models.TOKEN_LENGTH
+    scale = pipe.vae.config.scaling_factor
+    assert scale > 0 and scale != 1.0  # set from the encoder's latents
+    _, params, config = load_clip(clip_path)
+    np.testing.assert_array_equal(  # the SD text encoder is the CLIP's text tower
+        params["text_model"]["embeddings"]["token_embedding"]["embedding"],
+        pipe.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"],
+    )
+    assert (clip_path / "vocab.json").is_file() and (sd_path / "tokenizer" / "merges.txt").is_file()
+    assert json.loads((clip_path / "preprocessor_config.json").read_text())["crop_size"] == {
+        "height": 64,
+        "width": 64,
+    }
+
+
+def test_pretraining_reuses_finished_stages(smoke_world, monkeypatch):
+    from dag_jax import pretrain_tiny
+    from dag_jax.tinyworld import pretrain
+
+    work, recipe, world, _, _ = smoke_world
+
+    def fail(*a, **k):
+        raise AssertionError("a finished stage was retrained")
+
+    for stage in ("train_clip", "train_vae", "train_unet"):
+        monkeypatch.setattr(pretrain, stage, fail)
+    again = pretrain_tiny.build_world(work / "stages", recipe)
+    np.testing.assert_array_equal(
+        again["unet"][1]["conv_in"]["kernel"], world["unet"][1]["conv_in"]["kernel"]
+    )
+
+
+def test_contrastive_loss_counts_identical_captions_as_positives():
+    import jax.numpy as jnp
+
+    from dag_jax.tinyworld.pretrain import contrastive_loss
+
+    labels = jnp.array([0, 0, 1])
+    perfect = jnp.array([[9.0, 9.0, -9.0], [9.0, 9.0, -9.0], [-9.0, -9.0, 9.0]])
+    assert float(contrastive_loss(perfect, labels)) == pytest.approx(np.log(2) * 2 / 3, abs=1e-3)
+    wrong = -perfect
+    assert float(contrastive_loss(wrong, labels)) > 10
+
+
+# --------------------------------------------------------------------------- shipped world
+
+
+def _shipped():
+    from dag_jax.assets import TINY_CLIP, TINY_SD
+
+    if not (TINY_SD / "model_index.json").is_file() or not (TINY_CLIP / "config.json").is_file():
+        pytest.fail(f"the shipped tiny world is missing ({TINY_SD}, {TINY_CLIP})")
+    return TINY_SD, TINY_CLIP
+
+
+def test_shipped_world_is_small_and_loads_by_name():
+    import dag_jax
+
+    sd, clip = _shipped()
+    size = sum(p.stat().st_size for d in (sd, clip) for p in d.rglob("*") if p.is_file())
+    assert size < 30 * 2**20
+    pipe = dag_jax.load_pipeline("tiny")
+    assert pipe.unet.config.sample_size == 8
+
+
+def test_shipped_unet_and_text_encoder_match_diffusers_and_transformers():
+    """The shipped folders are real diffusers/transformers folders: same outputs in PyTorch."""
+    import jax.numpy as jnp
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+
+    import dag_jax
+    from dag_jax.weights.clip_loader import load_clip
+
+    sd, clip = _shipped()
+    pipe = dag_jax.load_pipeline("tiny")
+    ids = pipe.encode_prompt_ids(["two red circles on a blue background", ""])
+    ctx = pipe.encode_text(pipe.params["text_encoder"], jnp.asarray(ids))
+    with torch.no_grad():
+        t_text = CLIPTextModel.from_pretrained(str(sd / "text_encoder")).eval()
+        t_ctx = t_text(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(ctx), t_ctx, atol=1e-4)
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([999, 10], np.int32)
+    eps = pipe.eps_fn(pipe.params["unet"], jnp.asarray(x), jnp.asarray(t), ctx)
+    with torch.no_grad():
+        t_unet = UNet2DConditionModel.from_pretrained(str(sd / "unet")).eval()
+        t_eps = t_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(t_ctx)).sample
+    np.testing.assert_allclose(np.asarray(eps), t_eps.numpy(), atol=1e-4)
+
+    module, params, _ = load_clip(clip)
+    images, captions, _ = shapes.batch(0, 0, 4)
+    from dag_jax.tinyworld.pretrain import pixels_of
+
+    px = pixels_of(images)
+    ours = module.apply({"params": params}, px, method=type(module).get_image_features)
+    with torch.no_grad():
+        t_clip = CLIPModel.from_pretrained(str(clip)).eval()
+        theirs = t_clip.get_image_features(pixel_values=torch.from_numpy(np.asarray(px)))
+    theirs = getattr(theirs, "pooler_output", theirs)
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
+
+
+def test_tiny_clipscore_prefers_the_true_caption():
+    from dag_jax import rewards
+
+    _shipped()
+    reward = rewards.get("tiny_clipscore")
+    images, captions, _ = shapes.batch(7, 0, 16, "test")  # held-out combinations
+    right = reward(images / 255.0, captions)
+    wrong = reward(images / 255.0, captions[1:] + captions[:1])
+    assert right.shape == (16,) and np.all(np.abs(right) <= 1)
+    assert np.mean(right > wrong) >= 0.75
+
+
+def test_load_pipeline_tiny_names_the_fix_when_missing(monkeypatch, tmp_path):
+    import dag_jax.assets
+    from dag_jax.pipeline import builtin_path
+
+    monkeypatch.setattr(dag_jax.assets, "TINY_SD", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="pretrain_tiny"):
+        builtin_path("tiny")
+    assert builtin_path("some/folder") == "some/folder"
+
+
+# --------------------------------------------------------------------------- demo bench
+
+
+def test_tinyworld_bench_configs_and_table():
+    from dag_jax import bench_tinyworld as tw
+
+    c = tw.demo_config("alignment", "dag_kl", 3, epochs=5)
+    assert (c.model, c.reward.name, c.prompts.name) == ("tiny", "tiny_clipscore", "tiny_shapes")
+    assert (c.algo, c.seed, c.train.epochs, c.b2.stages) == ("dag_kl", 3, 5, 5)
+    assert tw.demo_config("compressibility", "ddpo", 0).reward.name == "jpeg_compressibility"
+    with pytest.raises(ValueError, match="unknown task"):
+        tw.demo_config("beauty", "ddpo", 0)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        tw.demo_config("alignment", "ppo", 0)
+    records = [
+        {"bench": "tinyworld", "impl": "ddpo", "metric": m, "value": v, "unit": "", "config": {
+            "task": "alignment", "seed": s}}
+        for s, (before, after) in enumerate([(0.1, 0.3), (0.2, 0.2)])
+        for m, v in [("reward_before", before), ("reward_after", after),
+                     ("reward_rise", after - before), ("seconds", 10.0)]
+    ]  # fmt: skip
+    table = tw.format_rise(records)
+    row = "| alignment | ddpo | 2 | 0.1500 ± 0.0500 | 0.2500 ± 0.0500 | 0.1000 ± 0.1000 | 10 |"
+    assert row in table
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_tiny_world_trains_evaluates_and_exports(tmp_path):
+    """alignment.py:tiny on the shipped world: train, evaluate with the tiny CLIP, export."""
+    import runpy
+    from pathlib import Path
+
+    from dag_jax import evaluate, export, train
+
+    _shipped()
+    root = Path(__file__).resolve().parents[1]
+    cfg = runpy.run_path(str(root / "configs" / "alignment.py"))["get_config"]("tiny")
+    assert (cfg.model, cfg.reward.name) == ("tiny", "tiny_clipscore")
+    cfg.train.epochs, cfg.log.grid_every_epochs = 1, 0
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(cfg, str(workdir))
+    result = evaluate.evaluate(
+        workdir, num_per_prompt=2, max_prompts=2, grid_seeds=2, progress=False
+    )
+    test = result["splits"]["test"]
+    assert test["num_images"] == 4
+    assert -1 <= test["rewards"]["tiny_clipscore"]["mean"] <= 1
+    assert "tiny_clip" in result["feature_model"]
+    assert (workdir / "eval" / "1" / "eval.json").is_file()
+    out = export.export_pipeline(workdir, tmp_path / "exported")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
