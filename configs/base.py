@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dag.reduction = "mean"  # log-prob reduction over latent elements (release: mean)
     # log F(x_T) = log Z + log N(x_T; 0, I) with a learned log Z (False: F(x_T) free, as released)
     c.dag.anchor_initial_flow = True
+    # epochs in which only the flow (and log Z) learn, the policy's gradient zeroed (0: as
+    # released). The 2-D proof needed it: DB against an untrained flow moves the policy the
+    # wrong way (issue 4's toy, BENCHMARKS.md).
+    c.dag.flow_warmup_epochs = 0
 
     c.ddpo = ml_collections.ConfigDict()
     c.ddpo.clip_range = 1e-4
@@ -162,7 +166,7 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.epochs = 20
     c.train.trajectories_per_step = 16
     c.train.micro_batch = 32
-    c.train.learning_rate = 1e-3
+    c.train.flow_learning_rate = 3e-3  # the flow must keep up with the policy (2-D proof)
     c.dag.baseline_group = 8
     c.ddpo.tracker_min_count = 4
     c.b2.prefixes = 8

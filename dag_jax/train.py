@@ -690,6 +690,10 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
         count += 1
     metrics = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
     finite = bool(np.isfinite(metrics["loss"]))
+    if "flow" in state.trainable and state.epoch < c.dag.flow_warmup_epochs:
+        # flow warm-up: the flow (and log Z) learn the current policy's flows first
+        grad_sum = {**grad_sum, "lora": jax.tree.map(jnp.zeros_like, grad_sum["lora"])}
+        metrics["policy_frozen"] = 1.0
     state.trainable, state.opt_state = phases.apply(
         state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite)
     )

@@ -105,6 +105,27 @@ def test_sample_grids_are_written(tmp_path):
     assert list((tmp_path / "samples").glob("*.png"))
 
 
+def test_flow_warmup_trains_the_flow_alone(tmp_path):
+    cfg = tiny_config(algo="dag_db", train__epochs=1, dag__flow_warmup_epochs=1)
+    before = train.init_trainable(
+        train.load_model(cfg, train.parallel.make_mesh(1, 1), task=False),
+        cfg,
+        jax.random.fold_in(jax.random.key(cfg.seed), 1 << 31),
+    )
+    state = train.train_and_evaluate(cfg, str(tmp_path))
+    after = jax.device_get(state.trainable)
+    for a, b in zip(jax.tree.leaves(before["lora"]), jax.tree.leaves(after["lora"]), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-7)
+    moved = [
+        np.max(np.abs(np.asarray(a) - np.asarray(b)))
+        for a, b in zip(
+            jax.tree.leaves(before["flow"]), jax.tree.leaves(after["flow"]), strict=True
+        )
+    ]
+    assert max(moved) > 1e-5
+    assert read_metrics(tmp_path)[0]["policy_frozen"] == 1.0
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
