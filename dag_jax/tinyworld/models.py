@@ -15,43 +15,26 @@ IMAGE_SIZE = 64
 TOKEN_LENGTH = 16  # captions are ≤ 9 tokens with BOS/EOS
 HIDDEN = 64
 
-UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [64, 128],
-    "layers_per_block": 1,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": HIDDEN,
-    "attention_head_dim": [4, 8],  # SD1 naming: the number of heads (head size 16)
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "center_input_sample": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "use_linear_projection": False,
-    "upcast_attention": False,
-}
+# SD1's shapes as diffusers' tiny test model (``dag_jax.tiny``), resized for 8×8 latents
+UNET_CONFIG = dict(
+    tiny.UNET_CONFIG,
+    sample_size=8,
+    block_out_channels=[64, 128],
+    layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=HIDDEN,
+    attention_head_dim=[4, 8],  # SD1 naming: the number of heads (head size 16)
+)
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "sample_size": IMAGE_SIZE,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [16, 32, 32, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "act_fn": "silu",
-    "scaling_factor": 1.0,  # replaced by 1 / std of the trained encoder's latents
-}
+VAE_CONFIG = dict(
+    tiny.VAE_CONFIG,
+    block_out_channels=[16, 32, 32, 64],  # 4 blocks: 8× downsampling, as SD
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    norm_num_groups=8,
+    scaling_factor=1.0,  # replaced by 1 / std of the trained encoder's latents
+)
 
 
 def text_config(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
