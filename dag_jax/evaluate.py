@@ -540,6 +540,7 @@ def evaluate(
     run = restore_run(workdir, step, restore=not base)
     if eta is not None:
         run.config.sample.eta = float(eta)
+    run.config.sample.group = 1  # every evaluation seed draws its own x_T
     wanted = SPLITS if prompts == "both" else (prompts,)
     all_splits, skipped = prompt_splits(run.config, test_prompts, max_prompts)
     splits = {s: all_splits[s] for s in wanted if all_splits[s]}

@@ -115,6 +115,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             )
     else:
         _divides("sample.trajectories", c.sample.trajectories, "sample.chunk", c.sample.chunk)
+        if c.sample.group < 1:
+            raise ConfigError(f"sample.group must be >= 1, got {c.sample.group}")
+        _divides("sample.trajectories", c.sample.trajectories, "sample.group", c.sample.group)
         _divides(
             "sample.trajectories",
             c.sample.trajectories,
@@ -353,12 +356,12 @@ def build_phases(model: Model, config, tx) -> Phases:
     def images_of(frozen, latents):
         return model.pipe.decode_images(frozen["vae"], latents)
 
-    def from_noise(frozen, trainable, ids, keys, eta, num_steps=None):
+    def from_noise(frozen, trainable, ids, keys, eta, num_steps=None, noise_keys=None):
         ctx = context_of(frozen, ids)
         traj = rollout(
             model.eps_fn,
             model.policy_of(frozen, trainable),
-            initial(keys),
+            initial(keys if noise_keys is None else noise_keys),
             ctx,
             model.uncond,
             schedule,
@@ -372,7 +375,11 @@ def build_phases(model: Model, config, tx) -> Phases:
 
     @jax.jit
     def sample(frozen, trainable, ids, idx, ekey):
-        traj, _ = from_noise(frozen, trainable, ids, sample_keys(ekey, idx), c.sample.eta)
+        # sample.group consecutive trajectories share x_T (the key of their group's first
+        # index); every trajectory keeps its own step noise. group 1: x_T of its own key.
+        noise_keys = sample_keys(ekey, idx // c.sample.group * c.sample.group)
+        keys = sample_keys(ekey, idx)
+        traj, _ = from_noise(frozen, trainable, ids, keys, c.sample.eta, noise_keys=noise_keys)
         return traj, images_of(frozen, traj.final)
 
     @functools.partial(jax.jit, static_argnums=5)
@@ -550,11 +557,24 @@ class Collected:
     unique: int
 
 
+def group_advantages(rewards_: np.ndarray, group: int) -> np.ndarray:
+    """Return (N,) rewards standardised within consecutive groups of ``group`` (std + 1e-6).
+
+    The groups of ``sample.group`` share their prompt and initial noise x_T, so the baseline
+    removes what x_T decides (most of a short sampler's reward variance) without bias: x_T is
+    not an action of the policy.
+    """
+    r = np.asarray(rewards_, np.float64).reshape(-1, group)
+    z = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
+    return z.reshape(-1).astype(np.float32)
+
+
 def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
     """Return the epoch's trajectories (plain sampling) with rewards and DDPO advantages."""
     c = config
     n, chunk = c.sample.trajectories, c.sample.chunk
-    prompt_idx = host_rng(c, state.epoch, 0).integers(0, len(model.prompts), n)
+    g = c.sample.group
+    prompt_idx = np.repeat(host_rng(c, state.epoch, 0).integers(0, len(model.prompts), n // g), g)
     trajs, rewards_ = [], []
     for lo in range(0, n, chunk):
         idx = np.arange(lo, lo + chunk, dtype=np.int32)
@@ -564,7 +584,9 @@ def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) 
         rewards_.append(score(model, phases, images, prompt_idx[idx], mesh))
     r = np.concatenate(rewards_)
     adv = np.zeros(n, np.float32)
-    if _objective(c) == "ddpo":
+    if _objective(c) == "ddpo" and g > 1:  # standardised within each shared-x_T group
+        adv = group_advantages(r, g)
+    elif _objective(c) == "ddpo":  # DDPO's per-prompt running statistics (release)
         adv = np.asarray(state.tracker.update(prompt_idx.tolist(), r), np.float32)
     keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
     unique = parallel.count_unique(np.asarray(keys))

@@ -251,15 +251,25 @@ def test_tinyworld_bench_configs_and_table():
         tw.demo_config("beauty", "ddpo", 0)
     with pytest.raises(ValueError, match="unknown algorithm"):
         tw.demo_config("alignment", "ppo", 0)
+    def metrics(before, after):
+        return {
+            "reward_before_test": before, "reward_after_test": after,
+            "reward_rise_test": after - before, "reward_rise_train": 0.5,
+            "diversity_before_test": 0.2, "diversity_test": 0.1,
+            "vendi_before_test": 3.0, "vendi_test": 2.0, "seconds": 10.0,
+        }
+
     records = [
         {"bench": "tinyworld", "impl": "ddpo", "metric": m, "value": v, "unit": "", "config": {
             "task": "alignment", "seed": s}}
-        for s, (before, after) in enumerate([(0.1, 0.3), (0.2, 0.2)])
-        for m, v in [("reward_before", before), ("reward_after", after),
-                     ("reward_rise", after - before), ("seconds", 10.0)]
+        for s, (before, after) in enumerate([(0.1, 0.3), (0.1, 0.2)])
+        for m, v in metrics(before, after).items()
     ]  # fmt: skip
     table = tw.format_rise(records)
-    row = "| alignment | ddpo | 2 | 0.1500 ± 0.0500 | 0.2500 ± 0.0500 | 0.1000 ± 0.1000 | 10 |"
+    row = (
+        "| alignment | ddpo | 2 | 0.1000 → 0.2500 ± 0.0500 | 0.1500 ± 0.0500 | 0.5000 ± 0.0000 "
+        "| 0.200 → 0.100 ± 0.000 | 3.00 → 2.00 ± 0.00 | 10 |"
+    )
     assert row in table
 
 

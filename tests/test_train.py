@@ -134,6 +134,7 @@ def test_flow_warmup_trains_the_flow_alone(tmp_path):
         (dict(sample__chunk=3), "sample.chunk=3"),
         (dict(sample__trajectories=12), "sample.trajectories=12"),
         (dict(model="/no/such/model"), "no such folder"),
+        (dict(sample__group=3), r"by sample.group \(3\)"),
     ],
 )
 def test_bad_configs_fail_before_compiling_with_a_clear_message(tmp_path, override, message):
@@ -306,3 +307,36 @@ def test_a_jax_native_reward_runs_jitted_with_its_weights_as_arguments(tmp_path)
     row = read_metrics(tmp_path)[-1]
     assert 0 < row["reward_mean"] <= 2.0 and np.isfinite(row["loss"])
     assert state.epoch == 1
+
+
+def test_group_advantages_standardise_within_each_group():
+    r = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
+    adv = train.group_advantages(r, 3)
+    np.testing.assert_allclose(adv[:3], [-1.2247, 0.0, 1.2247], atol=1e-4)
+    np.testing.assert_allclose(adv[3:], [-0.7071, -0.7071, 1.4142], atol=1e-4)
+    np.testing.assert_allclose(train.group_advantages(np.full(4, 5.0), 2), 0.0)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_sample_groups_share_prompt_and_initial_noise_only(group):
+    cfg = tiny_config(algo="ddpo", sample__group=group)
+    mesh = train.parallel.make_mesh(1, 1)
+    model = train.load_model(cfg, mesh)
+    trainable = train.init_trainable(model, cfg, jax.random.key(0))
+    state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)
+    phases = train.build_phases(model, cfg, train.make_tx(cfg, trainable))
+    data = train.collect(model, phases, cfg, mesh, state, jax.random.key(3))
+    x_t = np.asarray(data.traj.latents[:, 0]).reshape(-1, group, *model.latent_shape)
+    final = np.asarray(data.traj.latents[:, -1]).reshape(x_t.shape)
+    prompts = data.prompt_idx.reshape(-1, group)
+    assert (prompts == prompts[:, :1]).all()
+    assert np.array_equal(x_t, np.broadcast_to(x_t[:, :1], x_t.shape))
+    # every trajectory keeps its own step noise; groups (and group 1 samples) differ in x_T
+    for row in final:
+        assert len({r.tobytes() for r in row}) == group
+    firsts = x_t[:, 0].reshape(x_t.shape[0], -1)
+    assert len({r.tobytes() for r in firsts}) == x_t.shape[0]
+    if group > 1:
+        np.testing.assert_allclose(
+            data.advantage, train.group_advantages(data.rewards, group), rtol=1e-6
+        )
