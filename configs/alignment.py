@@ -9,7 +9,8 @@ Reward: a captioning server (DDPO's LLaVA + BERTScore recall, JSON protocol, see
 ``nouns_activities`` ("a dog riding a bike", 135). Default objective DAG-DB;
 --config.algo=ddpo|dag_kl|b2 for the others. The :tiny / :demo variants align the built-in tiny
 world to ``tiny_clipscore`` (the tiny CLIP's cosine of image and caption) on its captions:
-:tiny ~1 min, :demo a few minutes on 2 CPU cores with the reward visibly rising.
+:tiny ~1 min, :demo ~8 min on 2 CPU cores; at :demo's settings the tiny CLIPScore does not rise
+yet (BENCHMARKS.md, "Demo runs").
 """
 
 import runpy

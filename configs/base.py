@@ -7,7 +7,8 @@ prompts and algorithm. Every key a run may set exists here, so a misspelt overri
 Size variants (applied by ``base.variant``):
   (none)  the released SD1.5 settings (a TPU pod slice or a large GPU)
   tiny    the built-in tiny world on a CPU: same math, batch and epochs scaled down (~1 min)
-  demo    the tiny world, large enough for the reward to rise visibly (minutes on a CPU)
+  demo    the tiny world at 20 × 128 trajectories (~8 min on 2 CPU cores): DDPO's
+          compressibility rises measurably (BENCHMARKS.md "Demo runs"); the others not yet
 """
 
 from __future__ import annotations

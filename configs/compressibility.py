@@ -8,7 +8,8 @@ classes (``imagenet_animals``: set --config.prompts.root to a folder with imagen
 when offline). Default objective DAG-DB; --config.algo=ddpo|dag_kl|b2 for the others.
 Expected time: ~3 h on a TPU v4-32 / 8×A100 at the released 100 epochs × 512 trajectories;
 the :tiny variant ~1 min on a laptop CPU (the built-in tiny world and its captions);
-:demo a few minutes, with the reward visibly rising.
+:demo ~8 min (20 × 128 trajectories); with --config.algo=ddpo the reward rises by about
+half a standard deviation (BENCHMARKS.md, "Demo runs"); DAG-DB does not rise there yet.
 """
 
 import runpy

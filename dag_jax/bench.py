@@ -35,9 +35,14 @@ on a batch of ``--batch`` random ``--image_size`` images, with random-weight tow
 shapes (``tiny`` or ``sd15-random``: CLIP ViT-L/14, OpenCLIP ViT-H-14, ImageReward's BLIP);
 JAX-native rewards jitted (compile_s apart), host rewards eager. See ``dag_jax/bench_reward.py``.
 
-tinyworld: reward before (first epoch) and after (last epoch) of ``configs/<task>.py:demo`` runs
-in the built-in tiny world, per ``--tasks`` × ``--algos`` × ``--seeds``; a mean ± std table.
+tinyworld: reward and diversity before (base model) and after training ``configs/<task>.py:demo``
+runs in the built-in tiny world, measured by ``dag_jax.evaluate`` on the same noise, per
+``--tasks`` × ``--algos`` × ``--seeds``; a mean ± std table.
 See ``dag_jax/bench_tinyworld.py``.
+
+ascent: is DDPO's gradient an ascent direction in the tiny world, and how strong: the cosine of
+two independent gradient estimates and a paired ± line search of Adam's first step, per
+``--tasks`` and ``--groups`` (trajectories sharing x_T). See ``dag_jax/bench_ascent.py``.
 
 memory: per-device bytes of the real DAG-DB ``grad_step`` of ``dag_jax.train`` (LoRA + flow,
 bf16 compute, remat, ``--micro_batch`` transitions, default 64) in ``--model`` shapes, compiled
@@ -130,6 +135,8 @@ class Settings:
     seeds: int = 1  # tinyworld bench: seeds seed, seed+1, ...
     epochs: int = 0  # tinyworld bench: 0 = the demo config's
     workdir: str = ""  # tinyworld bench: where runs are kept ("" = a temporary folder)
+    groups: str = "1,8"  # ascent bench: sample.group sizes
+    lrs: str = "1e-3,3e-3,1e-2"  # ascent bench: Adam first-step sizes of the line search
     micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
     fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
     json: str | None = None
@@ -601,7 +608,15 @@ def bench_train(settings: Settings) -> list[dict]:
     return bt.bench_train(settings)
 
 
+def bench_ascent(settings: Settings) -> list[dict]:
+    """Return the policy-gradient line search of the tiny world (``dag_jax.bench_ascent``)."""
+    from dag_jax import bench_ascent
+
+    return bench_ascent.bench_ascent(settings)
+
+
 BENCHES: dict[str, Callable[[Settings], list[dict]]] = {
+    "ascent": bench_ascent,
     "sampler": bench_sampler,
     "reward": bench_reward,
     "toy2d": bench_toy2d,
@@ -672,6 +687,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 1, "tinyworld: number of seeds, from --seed")
     flags.DEFINE_integer("epochs", 0, "tinyworld: epochs per run (0 = the demo config's)")
     flags.DEFINE_string("workdir", "", "tinyworld: folder for the runs (default: temporary)")
+    flags.DEFINE_string("groups", "1,8", "ascent: sample.group sizes (trajectories sharing x_T)")
+    flags.DEFINE_string("lrs", "1e-3,3e-3,1e-2", "ascent: step sizes of the line search")
     flags.DEFINE_integer(
         "micro_batch", 0, "memory/train: transitions per train step (0: memory 64, train 16)"
     )

@@ -251,12 +251,18 @@ def test_tinyworld_bench_configs_and_table():
         tw.demo_config("beauty", "ddpo", 0)
     with pytest.raises(ValueError, match="unknown algorithm"):
         tw.demo_config("alignment", "ppo", 0)
+
     def metrics(before, after):
         return {
-            "reward_before_test": before, "reward_after_test": after,
-            "reward_rise_test": after - before, "reward_rise_train": 0.5,
-            "diversity_before_test": 0.2, "diversity_test": 0.1,
-            "vendi_before_test": 3.0, "vendi_test": 2.0, "seconds": 10.0,
+            "reward_before_test": before,
+            "reward_after_test": after,
+            "reward_rise_test": after - before,
+            "reward_rise_train": 0.5,
+            "diversity_before_test": 0.2,
+            "diversity_test": 0.1,
+            "vendi_before_test": 3.0,
+            "vendi_test": 2.0,
+            "seconds": 10.0,
         }
 
     records = [
@@ -271,6 +277,21 @@ def test_tinyworld_bench_configs_and_table():
         "| 0.200 → 0.100 ± 0.000 | 3.00 → 2.00 ± 0.00 | 10 |"
     )
     assert row in table
+
+
+def test_ascent_line_search_on_the_tiny_world():
+    from dag_jax import bench_ascent
+
+    m = bench_ascent.ascent("compressibility", group=4, batch=8, lrs=[1e-2], seed=0)
+    assert set(m) >= {"reward_std", "reward_std_within_group", "grad_cosine"}
+    assert -1.0 <= m["grad_cosine"] <= 1.0 and m["reward_std"] > 0
+    assert m["reward_std_within_group"] <= 2 * m["reward_std"]
+    plus, minus = m["gain_plus_lr0.01"], m["gain_minus_lr0.01"]
+    assert plus != 0.0 and minus != 0.0  # the steps moved the model
+    np.testing.assert_allclose(m["linear_gain_lr0.01"], (plus - minus) / 2, rtol=1e-6)
+    np.testing.assert_allclose(m["curvature_loss_lr0.01"], -(plus + minus) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="groups of 3"):
+        bench_ascent.ascent("compressibility", group=3, batch=8, lrs=[1e-2], seed=0)
 
 
 # --------------------------------------------------------------------------- end to end
