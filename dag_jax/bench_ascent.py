@@ -32,19 +32,6 @@ from dag_jax import parallel, train
 from dag_jax.algos.transitions import from_trajectory, take
 
 
-def _sample(model, phases, mesh, trainable, prompt_idx: np.ndarray, seed: int, chunk: int):
-    """Return (trajectories, rewards) of ``prompt_idx`` with the noise of ``seed``."""
-    trajs, rewards_ = [], []
-    ekey = jax.random.key(seed)
-    for lo in range(0, prompt_idx.size, chunk):
-        idx = np.arange(lo, lo + chunk, dtype=np.int32)
-        ids = train._put(mesh, model.prompt_ids[prompt_idx[idx]])
-        traj, images = phases.sample(model.frozen, trainable, ids, train._put(mesh, idx), ekey)
-        trajs.append(traj)
-        rewards_.append(train.score(model, phases, images, prompt_idx[idx], mesh))
-    return train._concat(trajs), np.concatenate(rewards_)
-
-
 def _gradient(model, phases, trainable, traj, prompt_idx, advantage, micro_batch: int):
     """Return the mean LoRA gradient of the surrogate over all transitions of ``traj``."""
     batch = from_trajectory(
@@ -89,13 +76,16 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
     rng = np.random.default_rng(seed)
     n_prompts = len(model.prompts)
 
+    def key_of(salt: int) -> jax.Array:
+        return jax.random.key(1000 * seed + salt)
+
     def prompts() -> np.ndarray:
         return np.repeat(rng.integers(0, n_prompts, batch // group), group)
 
     grads, spread = [], []
     for k in range(2):
         idx = prompts()
-        traj, r = _sample(model, phases, mesh, trainable, idx, 1000 * seed + 100 + k, chunk)
+        traj, r = train.sample_scored(model, phases, mesh, trainable, idx, key_of(100 + k), chunk)
         adv = train.group_advantages(r, group if group > 1 else r.size)
         grads.append(_gradient(model, phases, trainable, traj, idx, adv, 64))
         spread.append((r.std(), r.reshape(-1, group).std(1).mean() if group > 1 else r.std()))
@@ -107,17 +97,17 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
     }
     g = jax.tree.map(lambda x, y: (x + y) / 2, *grads)
     eval_idx = rng.integers(0, n_prompts, batch)
-    eval_seed = 1000 * seed + 999
+    eval_key = key_of(999)
     config.sample.group = 1  # evaluation: every sample its own x_T
     phases = train.build_phases(model, config, train.make_tx(config, trainable))
-    _, r0 = _sample(model, phases, mesh, trainable, eval_idx, eval_seed, chunk)
+    _, r0 = train.sample_scored(model, phases, mesh, trainable, eval_idx, eval_key, chunk)
     for lr in lrs:
         changes = []
         for sign in (1.0, -1.0):
             step = sign * lr
             lora = jax.tree.map(lambda p, d, s=step: p - s * jnp.sign(d), trainable["lora"], g)
             moved = {**trainable, "lora": lora}
-            _, r = _sample(model, phases, mesh, moved, eval_idx, eval_seed, chunk)
+            _, r = train.sample_scored(model, phases, mesh, moved, eval_idx, eval_key, chunk)
             changes.append(r - r0)
         plus, minus = changes
         tag = f"lr{lr:g}"

@@ -557,6 +557,18 @@ class Collected:
     unique: int
 
 
+def sample_scored(model: Model, phases: Phases, mesh, trainable, prompt_idx, ekey, chunk: int):
+    """Return (trajectories, (N,) rewards) of sample indices 0..N−1 of ``prompt_idx``, by chunk."""
+    trajs, rewards_ = [], []
+    for lo in range(0, prompt_idx.size, chunk):
+        idx = np.arange(lo, lo + chunk, dtype=np.int32)
+        ids = _put(mesh, model.prompt_ids[prompt_idx[idx]])
+        traj, images = phases.sample(model.frozen, trainable, ids, _put(mesh, idx), ekey)
+        trajs.append(traj)
+        rewards_.append(score(model, phases, images, prompt_idx[idx], mesh))
+    return _concat(trajs), np.concatenate(rewards_)
+
+
 def group_advantages(rewards_: np.ndarray, group: int) -> np.ndarray:
     """Return (N,) rewards standardised within consecutive groups of ``group`` (std + 1e-6).
 
@@ -575,14 +587,7 @@ def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) 
     n, chunk = c.sample.trajectories, c.sample.chunk
     g = c.sample.group
     prompt_idx = np.repeat(host_rng(c, state.epoch, 0).integers(0, len(model.prompts), n // g), g)
-    trajs, rewards_ = [], []
-    for lo in range(0, n, chunk):
-        idx = np.arange(lo, lo + chunk, dtype=np.int32)
-        ids = _put(mesh, model.prompt_ids[prompt_idx[idx]])
-        traj, images = phases.sample(model.frozen, state.trainable, ids, _put(mesh, idx), ekey)
-        trajs.append(traj)
-        rewards_.append(score(model, phases, images, prompt_idx[idx], mesh))
-    r = np.concatenate(rewards_)
+    traj, r = sample_scored(model, phases, mesh, state.trainable, prompt_idx, ekey, chunk)
     adv = np.zeros(n, np.float32)
     if _objective(c) == "ddpo" and g > 1:  # standardised within each shared-x_T group
         adv = group_advantages(r, g)
@@ -590,7 +595,7 @@ def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) 
         adv = np.asarray(state.tracker.update(prompt_idx.tolist(), r), np.float32)
     keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
     unique = parallel.count_unique(np.asarray(keys))
-    return Collected(_concat(trajs), prompt_idx, r, adv, np.ones(n, np.float32), unique)
+    return Collected(traj, prompt_idx, r, adv, np.ones(n, np.float32), unique)
 
 
 def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
