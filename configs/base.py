@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.dag.adv_clip = 5.0
     c.dag.baseline_group = 8
     c.dag.reduction = "mean"  # log-prob reduction over latent elements (release: mean)
+    # the groups of baseline_group rows that baselines are taken over. "rows": consecutive rows
+    # of the shuffled window, and DAG-DB's θ-gradient has no baseline (release). "step": a
+    # group is one denoising step of baseline_group trajectories (those sharing prompt and
+    # x_T with sample.group, or one B² prefix's branches); DAG-KL's leave-one-out advantages
+    # and DAG-DB's θ-gradient (dag.db_loss) are centred within it.
+    c.dag.baseline = "rows"
     # log F(x_T) = log Z + log N(x_T; 0, I) with a learned log Z (False: F(x_T) free, as released)
     c.dag.anchor_initial_flow = True
     # epochs in which only the flow (and log Z) learn, the policy's gradient zeroed (0: as

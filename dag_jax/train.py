@@ -37,7 +37,13 @@ from dag_jax import parallel, rewards
 from dag_jax.algos import b2, dag, ddpo
 from dag_jax.algos.optim import GroupConfig, make_optimizer
 from dag_jax.algos.stats import PerPromptStatTracker
-from dag_jax.algos.transitions import SHARED_FIELDS, Transitions, from_trajectory, take
+from dag_jax.algos.transitions import (
+    SHARED_FIELDS,
+    Transitions,
+    from_trajectory,
+    step_group_order,
+    take,
+)
 from dag_jax.checkpoint import Checkpointer
 from dag_jax.diffusion.sampler import Trajectory, branch_rollout, rollout, sample_keys
 from dag_jax.diffusion.schedule import Schedule, make_schedule
@@ -49,6 +55,7 @@ from dag_jax.pipeline import Pipeline
 log = logging.getLogger("dag_jax.train")
 ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
 B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
+DAG_BASELINES = ("rows", "step")
 
 
 class ConfigError(ValueError):
@@ -124,10 +131,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "train.trajectories_per_step",
             c.train.trajectories_per_step,
         )
-    if _objective(c) == "dag_kl":
+    if c.dag.baseline not in DAG_BASELINES:
+        raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
+    if _objective(c) == "dag_kl" or _step_baseline(c):
+        if c.dag.baseline_group < 2:
+            raise ConfigError(f"dag.baseline_group must be >= 2, got {c.dag.baseline_group}")
         _divides(
             "train.micro_batch", c.train.micro_batch, "dag.baseline_group", c.dag.baseline_group
         )
+    if _step_baseline(c):  # windows must split into whole blocks of trajectories
+        g = c.dag.baseline_group
+        _divides(
+            "train.trajectories_per_step", c.train.trajectories_per_step, "dag.baseline_group", g
+        )
+        if c.algo == "b2":
+            _divides(
+                "b2.prefixes × b2.branches", c.b2.prefixes * c.b2.branches, "dag.baseline_group", g
+            )
+        else:
+            _divides("sample.trajectories", c.sample.trajectories, "dag.baseline_group", g)
     if c.train.epochs < 1:
         raise ConfigError("train.epochs must be >= 1")
 
@@ -140,6 +162,16 @@ def _looks_like_hub_id(model: str) -> bool:
 def _divides(name: str, value: int, what: str, by: int) -> None:
     if by <= 0 or value <= 0 or value % by:
         raise ConfigError(f"config {name}={value} is not divisible by {what} ({by})")
+
+
+def _step_baseline(c) -> bool:
+    """Return whether a DAG objective takes its baselines over step groups (``dag.baseline``)."""
+    return _objective(c).startswith("dag") and c.dag.baseline == "step"
+
+
+def _trajectory_group(c) -> int:
+    """Return how many consecutive trajectories of an epoch share prompt and x_T (or prefix)."""
+    return c.b2.branches if c.algo == "b2" else c.sample.group
 
 
 def _objective(c) -> str:
@@ -442,7 +474,12 @@ def build_phases(model: Model, config, tx) -> Phases:
             )
         args = (model.eps_fn, model.flow_fn, params, batch, model.uncond, beta)
         if objective == "dag_db":
-            return dag.db_loss(*args, reg_coef=c.dag.reg_coef, **policy_kw)
+            return dag.db_loss(
+                *args,
+                reg_coef=c.dag.reg_coef,
+                baseline_group=c.dag.baseline_group if _step_baseline(c) else 0,
+                **policy_kw,
+            )
         return dag.kl_loss(
             *args,
             reg_coef=c.dag.reg_coef,
@@ -648,7 +685,12 @@ def train_on(
     w = c.train.trajectories_per_step
     out = []
     for p in range(passes):
-        order = kept[host_rng(c, state.epoch, 10 + p).permutation(kept.size)]
+        rng = host_rng(c, state.epoch, 10 + p)
+        if _step_baseline(c):  # windows of whole trajectory groups (DAG keeps every row)
+            groups = kept.reshape(-1, _trajectory_group(c))
+            order = groups[rng.permutation(len(groups))].reshape(-1)
+        else:
+            order = kept[rng.permutation(kept.size)]
         for lo in range(0, order.size, w):
             window = order[lo : lo + w]
             out.append(update_window(model, phases, config, mesh, state, data, window, beta))
@@ -700,7 +742,12 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
         contexts=context_table(mesh, batch.contexts, c.train.trajectories_per_step)
     )
     mb = c.train.micro_batch
-    rows = host_rng(c, state.epoch, 1000 + state.updates).permutation(batch.size)
+    rng = host_rng(c, state.epoch, 1000 + state.updates)
+    if _step_baseline(c):  # blocks of one step of baseline_group trajectories
+        steps = traj.log_probs.shape[1]
+        rows = step_group_order(window.size, steps, c.dag.baseline_group, rng)
+    else:
+        rows = rng.permutation(batch.size)
     pad = (-rows.size) % mb
     weight = np.concatenate([np.ones(rows.size), np.zeros(pad)]).astype(np.float32)
     rows = np.concatenate([rows, np.full(pad, rows[0])])

@@ -143,6 +143,37 @@ def test_db_gradient_reaches_flow_and_policy_only_through_log_p_and_proximal_ter
         np.testing.assert_allclose(grad["policy"][k], expected[k], rtol=1e-4, atol=1e-7)
 
 
+def test_db_step_baseline_centres_only_the_policy_gradient():
+    params = _params()
+    _, batch = _batch(params)  # 16 rows: groups of 4 consecutive rows
+    uncond, n = jnp.zeros((3, 5)), 4
+    loss_of = lambda p, g: dag.db_loss(
+        eps_fn, flow_fn, p, batch, uncond, 2.0, baseline_group=g, **KW
+    )
+    released, grad0 = jax.value_and_grad(lambda p: loss_of(p, 0)[0])(params)
+    value, grad = jax.value_and_grad(lambda p: loss_of(p, n)[0])(params)
+    np.testing.assert_allclose(value, released, rtol=1e-6)  # the loss value is the released one
+    for k in grad["flow"]:  # the flow (and log Z) still descend Δ²
+        np.testing.assert_allclose(grad["flow"][k], grad0["flow"][k], rtol=1e-5)
+
+    # θ-gradient = mean(2·(Δ − m)·∇log p) + ∇reg, m the mean Δ of the group's other rows
+    log_pb = ddim.backward_logprob(batch.x_t, batch.x_s, batch.alpha_t, batch.alpha_s)
+    log_f_t, log_f_s = dag.log_flows(flow_fn, params["flow"], batch, 2.0)
+    delta = np.asarray(log_f_t + batch.log_prob - log_pb - log_f_s).reshape(-1, n)
+    centred = delta - (delta.sum(1, keepdims=True) - delta) / (n - 1)
+    assert np.abs(centred).max() > 1e-3
+
+    def by_hand(policy):
+        log_p, eps = policy_terms(eps_fn, policy, batch, uncond, **KW)
+        reg = jnp.mean((eps - batch.eps) ** 2, axis=1)
+        return jnp.mean(2.0 * jnp.asarray(centred.reshape(-1)) * log_p + reg)
+
+    expected = jax.grad(by_hand)(params["policy"])
+    for k in expected:
+        np.testing.assert_allclose(grad["policy"][k], expected[k], rtol=1e-4, atol=1e-7)
+        assert not np.allclose(grad["policy"][k], grad0["policy"][k])
+
+
 def test_kl_flow_loss_gives_policy_no_gradient():
     params = _params()
     _, batch = _batch(params)
@@ -232,3 +263,18 @@ def test_kl_gradient_equals_finite_difference_kl_gradient_on_a_1d_gaussian():
     db = float(jax.grad(lambda th: jnp.mean((log_p(th) - log_target(xs)) ** 2))(theta))
     assert abs(reinforce - fd) < 0.03 * abs(fd) + 1e-3
     assert abs(db - 2 * fd) < 0.06 * abs(fd) + 2e-3
+
+
+def test_step_group_order_makes_blocks_of_one_step_of_consecutive_trajectories():
+    from dag_jax.algos.transitions import step_group_order
+
+    n, k, g = 8, 3, 4
+    order = step_group_order(n, k, g, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(n * k))  # a permutation of the rows b·K + k
+    blocks = order.reshape(-1, g)
+    steps, trajs = blocks % k, blocks // k
+    assert (steps == steps[:, :1]).all()  # one step per block
+    assert (np.sort(trajs, 1) == trajs[:, :1] // g * g + np.arange(g)).all()  # one group's rows
+    assert not (order == np.sort(order)).all()  # the blocks are shuffled
+    with pytest.raises(ValueError, match="must divide"):
+        step_group_order(6, k, g, np.random.default_rng(0))

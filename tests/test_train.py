@@ -135,6 +135,9 @@ def test_flow_warmup_trains_the_flow_alone(tmp_path):
         (dict(sample__trajectories=12), "sample.trajectories=12"),
         (dict(model="/no/such/model"), "no such folder"),
         (dict(sample__group=3), r"by sample.group \(3\)"),
+        (dict(dag__baseline="batch"), "config.dag.baseline"),
+        (dict(dag__baseline="step", dag__baseline_group=8), r"train.trajectories_per_step=4"),
+        (dict(dag__baseline="step", dag__baseline_group=1), "baseline_group must be >= 2"),
     ],
 )
 def test_bad_configs_fail_before_compiling_with_a_clear_message(tmp_path, override, message):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dag_jax.diffusion import ddim
 from dag_jax.diffusion.sampler import Trajectory, guided_eps
@@ -111,6 +112,23 @@ def from_trajectory(
         else per_traj(jnp.asarray(weight, jnp.float32)),
         contexts=traj.context,
     )
+
+
+def step_group_order(
+    num_trajectories: int, num_steps: int, group: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Return a row order of ``from_trajectory``'s rows (b·K + k) in blocks of ``group`` rows.
+
+    A block is one step k of ``group`` consecutive trajectories; the blocks come in random
+    order, so a micro-batch whose size ``group`` divides holds whole blocks (``dag.baseline =
+    "step"``: the rows a leave-one-out baseline is taken over).
+    """
+    if group < 1 or num_trajectories % group:
+        raise ValueError(f"group {group} must divide the {num_trajectories} trajectories")
+    b = np.arange(num_trajectories).reshape(-1, group)  # (blocks of trajectories, group)
+    rows = b[:, None, :] * num_steps + np.arange(num_steps)[None, :, None]  # (G, K, group)
+    blocks = rows.reshape(-1, group)
+    return blocks[rng.permutation(len(blocks))].reshape(-1)
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
