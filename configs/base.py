@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.b2.clip_range = 0.1
     c.b2.adv_clip = 5.0
     c.b2.select = True  # best/worst selection (off by default for DAG objectives: see train.py)
+    # what a branch's reward z-score is taken against. "prompt": the prompt's rewards pooled
+    # over this stage and b2.history previous ones (release). "prefix": the other branches of
+    # its prefix, which share prompt, x_T and the prefix: what the trained interval did.
+    c.b2.baseline = "prompt"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp

@@ -56,6 +56,7 @@ log = logging.getLogger("dag_jax.train")
 ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
 B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
 DAG_BASELINES = ("rows", "step")
+B2_BASELINES = ("prompt", "prefix")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "train.trajectories_per_step",
             c.train.trajectories_per_step,
         )
+    if c.b2.baseline not in B2_BASELINES:
+        raise ConfigError(f"config.b2.baseline must be one of {B2_BASELINES}")
     if c.dag.baseline not in DAG_BASELINES:
         raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
     if _objective(c) == "dag_kl" or _step_baseline(c):
@@ -654,7 +657,10 @@ def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, eke
         rewards_.append(score(model, phases, images, np.repeat(prompt_idx[idx], nb), mesh))
     r = np.concatenate(rewards_).reshape(p, nb)
     state.history.add_stage(prompt_idx.tolist(), r)
-    z = b2.group_zscores(prompt_idx.tolist(), r, state.history)
+    if c.b2.baseline == "prefix":  # within the branches of one prefix
+        z = group_advantages(r.reshape(-1), nb).reshape(p, nb).astype(np.float64)
+    else:  # against the prompt's pooled history (release)
+        z = b2.group_zscores(prompt_idx.tolist(), r, state.history)
     if c.b2.objective != "ddpo":  # DAG objectives need no advantages: train every branch
         mask, adv = np.ones(z.shape, bool), np.zeros(z.shape)
     elif c.b2.select:

@@ -136,6 +136,7 @@ def test_flow_warmup_trains_the_flow_alone(tmp_path):
         (dict(model="/no/such/model"), "no such folder"),
         (dict(sample__group=3), r"by sample.group \(3\)"),
         (dict(dag__baseline="batch"), "config.dag.baseline"),
+        (dict(b2__baseline="batch"), "config.b2.baseline"),
         (dict(dag__baseline="step", dag__baseline_group=8), r"train.trajectories_per_step=4"),
         (dict(dag__baseline="step", dag__baseline_group=1), "baseline_group must be >= 2"),
     ],
@@ -343,3 +344,20 @@ def test_sample_groups_share_prompt_and_initial_noise_only(group):
         np.testing.assert_allclose(
             data.advantage, train.group_advantages(data.rewards, group), rtol=1e-6
         )
+
+
+def test_b2_prefix_baseline_selects_each_prefix_best_and_worst_branch():
+    cfg = tiny_config(algo="b2", b2__baseline="prefix", b2__branches=4, b2__threshold=0.5)
+    mesh = train.parallel.make_mesh(1, 1)
+    model = train.load_model(cfg, mesh)
+    trainable = train.init_trainable(model, cfg, jax.random.key(0))
+    state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)
+    phases = train.build_phases(model, cfg, train.make_tx(cfg, trainable))
+    data = train.collect_b2(model, phases, cfg, mesh, state, jax.random.key(3))
+    r = data.rewards.reshape(-1, 4)
+    z = train.group_advantages(data.rewards, 4).reshape(r.shape)  # z within each prefix
+    kept = data.weight.reshape(r.shape) > 0
+    for row in range(r.shape[0]):  # the max of 4 standardised values is >= 0.5: best kept
+        assert kept[row, np.argmax(r[row])] and kept[row, np.argmin(r[row])]
+        assert kept[row].sum() == 2
+    np.testing.assert_allclose(data.advantage.reshape(r.shape)[kept], z[kept], rtol=1e-5)
