@@ -193,6 +193,7 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.learning_rate = 5e-3
     c.train.flow_learning_rate = 3e-3  # the flow must keep up with the policy (2-D proof)
     c.dag.baseline_group = 8
+    c.dag.baseline = "step"  # DAG's θ-gradients centred within one step of a shared-x_T group
     c.ddpo.tracker_min_count = 4
     c.b2.prefixes = 16
     c.b2.branches = 8
