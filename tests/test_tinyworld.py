@@ -247,6 +247,11 @@ def test_tinyworld_bench_configs_and_table():
     assert (c.model, c.reward.name, c.prompts.name) == ("tiny", "tiny_clipscore", "tiny_shapes")
     assert (c.algo, c.seed, c.train.epochs, c.b2.stages) == ("dag_kl", 3, 5, 5)
     assert tw.demo_config("compressibility", "ddpo", 0).reward.name == "jpeg_compressibility"
+    from dag_jax import train
+
+    for task in ("compressibility", "alignment"):  # every demo run the table needs is valid
+        for algo in tw.ALGOS:
+            train.validate(tw.demo_config(task, algo, 0), num_devices=1)
     with pytest.raises(ValueError, match="unknown task"):
         tw.demo_config("beauty", "ddpo", 0)
     with pytest.raises(ValueError, match="unknown algorithm"):
