@@ -44,6 +44,10 @@ ascent: is DDPO's gradient an ascent direction in the tiny world, and how strong
 two independent gradient estimates and a paired ± line search of Adam's first step, per
 ``--tasks`` and ``--groups`` (trajectories sharing x_T). See ``dag_jax/bench_ascent.py``.
 
+dbterms: the DB residual's parts per denoising step at the base model (log p_θ − log P_B and
+the forward-looking reward's change, within groups of the last of ``--groups``), per ``--tasks``.
+See ``dag_jax/bench_dbterms.py``.
+
 memory: per-device bytes of the real DAG-DB ``grad_step`` of ``dag_jax.train`` (LoRA + flow,
 bf16 compute, remat, ``--micro_batch`` transitions, default 64) in ``--model`` shapes, compiled
 (never run) on abstract sharded inputs on a ("data", "fsdp") mesh of all devices, per fsdp size
@@ -608,6 +612,13 @@ def bench_train(settings: Settings) -> list[dict]:
     return bt.bench_train(settings)
 
 
+def bench_dbterms(settings: Settings) -> list[dict]:
+    """Return the per-step parts of the DB residual in the tiny world (``bench_dbterms``)."""
+    from dag_jax import bench_dbterms as bd
+
+    return bd.bench_dbterms(settings)
+
+
 def bench_ascent(settings: Settings) -> list[dict]:
     """Return the policy-gradient line search of the tiny world (``dag_jax.bench_ascent``)."""
     from dag_jax import bench_ascent
@@ -617,6 +628,7 @@ def bench_ascent(settings: Settings) -> list[dict]:
 
 BENCHES: dict[str, Callable[[Settings], list[dict]]] = {
     "ascent": bench_ascent,
+    "dbterms": bench_dbterms,
     "sampler": bench_sampler,
     "reward": bench_reward,
     "toy2d": bench_toy2d,

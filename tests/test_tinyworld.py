@@ -326,3 +326,19 @@ def test_tiny_world_trains_evaluates_and_exports(tmp_path):
     assert (workdir / "eval" / "1" / "eval.json").is_file()
     out = export.export_pipeline(workdir, tmp_path / "exported")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_dbterms_splits_the_db_residual_per_step():
+    from dag_jax import bench_dbterms
+
+    m = bench_dbterms.dbterms("compressibility", group=4, batch=8, seed=0)
+    steps = sum(name.startswith("logratio_mean_k") for name in m)
+    assert steps == 10  # the :demo sampler's steps
+    for k in range(steps):
+        assert np.isfinite(m[f"logratio_mean_k{k}"]) and m[f"logratio_std_k{k}"] > 0
+        assert 0 <= m[f"reward_change_std_within_group_k{k}"] <= 2 * m[f"reward_change_std_k{k}"]
+    # the step before the last (t = 101 → 1 of 10 steps) has the largest offset
+    means = [m[f"logratio_mean_k{k}"] for k in range(steps)]
+    assert int(np.argmax(means)) == steps - 2
+    with pytest.raises(ValueError, match="groups of 3"):
+        bench_dbterms.dbterms("compressibility", group=3, batch=8, seed=0)
