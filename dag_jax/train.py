@@ -5,11 +5,13 @@ One epoch (one B² stage) reads top to bottom:
   1. sample   trajectories of the current policy (``sample.trajectories`` per epoch, in compiled
               chunks; B²: prefixes to the interval start, then ``b2.branches`` branches each);
   2. reward   the final images (a jitted JAX reward, or a host reward on the gathered images);
-  3. advantages / selection   DDPO: per-prompt standardisation; B²: history z-scores and
-              best/worst selection; DAG: none (the reward enters through the flow);
+  3. advantages / selection   DDPO: per-prompt standardisation (or within ``sample.group``);
+              B²: z-scores against the prompt's history (or within each prefix) and best/worst
+              selection; DAG: none (the reward enters through the flow);
   4. update   per window of ``train.trajectories_per_step`` trajectories: (DAG) forward-looking
               rewards of every state with the current θ, then all the window's transitions,
-              shuffled, in micro-batches whose gradients are accumulated into one AdamW update;
+              shuffled (``dag.baseline=step``: in blocks of one step of a trajectory group), in
+              micro-batches whose gradients are accumulated into one AdamW update;
   5. log and checkpoint.
 
 Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
