@@ -139,7 +139,7 @@ class Settings:
     seeds: int = 1  # tinyworld bench: seeds seed, seed+1, ...
     epochs: int = 0  # tinyworld bench: 0 = the demo config's
     workdir: str = ""  # tinyworld bench: where runs are kept ("" = a temporary folder)
-    groups: str = "1,8"  # ascent bench: sample.group sizes
+    groups: str = "1,8"  # ascent bench: sample.group sizes; dbterms: the last one
     lrs: str = "1e-3,3e-3,1e-2"  # ascent bench: Adam first-step sizes of the line search
     micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
     fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
@@ -699,7 +699,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 1, "tinyworld: number of seeds, from --seed")
     flags.DEFINE_integer("epochs", 0, "tinyworld: epochs per run (0 = the demo config's)")
     flags.DEFINE_string("workdir", "", "tinyworld: folder for the runs (default: temporary)")
-    flags.DEFINE_string("groups", "1,8", "ascent: sample.group sizes (trajectories sharing x_T)")
+    flags.DEFINE_string(
+        "groups", "1,8", "ascent: sample.group sizes (trajectories sharing x_T); dbterms: the last"
+    )
     flags.DEFINE_string("lrs", "1e-3,3e-3,1e-2", "ascent: step sizes of the line search")
     flags.DEFINE_integer(
         "micro_batch", 0, "memory/train: transitions per train step (0: memory 64, train 16)"
