@@ -9,7 +9,7 @@ Reward: a captioning server (DDPO's LLaVA + BERTScore recall, JSON protocol, see
 ``nouns_activities`` ("a dog riding a bike", 135). Default objective DAG-DB;
 --config.algo=ddpo|dag_kl|b2 for the others. The :tiny / :demo variants align the built-in tiny
 world to ``tiny_clipscore`` (the tiny CLIP's cosine of image and caption) on its captions:
-:tiny ~1 min, :demo 4–10 min on 2 CPU cores; at :demo's settings the tiny CLIPScore does not
+:tiny ~1 min, :demo 7–11 min on 2 CPU cores; at :demo's settings the tiny CLIPScore does not
 rise yet with any objective (BENCHMARKS.md, "Demo runs": the tiny CLIP reads little beyond
 colour and background, which the base model mostly gets right).
 """

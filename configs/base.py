@@ -7,7 +7,7 @@ prompts and algorithm. Every key a run may set exists here, so a misspelt overri
 Size variants (applied by ``base.variant``):
   (none)  the released SD1.5 settings (a TPU pod slice or a large GPU)
   tiny    the built-in tiny world on a CPU: same math, batch and epochs scaled down (~1 min)
-  demo    the tiny world at 20 × 128 trajectories (4–10 min on 2 CPU cores), where the
+  demo    the tiny world at 20 × 128 trajectories (7–11 min on 2 CPU cores), where the
           reward measurably rises (BENCHMARKS.md "Demo runs")
 """
 

@@ -8,7 +8,7 @@ classes (``imagenet_animals``: set --config.prompts.root to a folder with imagen
 when offline). Default objective DAG-DB; --config.algo=ddpo|dag_kl|b2 for the others.
 Expected time: ~3 h on a TPU v4-32 / 8×A100 at the released 100 epochs × 512 trajectories;
 the :tiny variant ~1 min on a laptop CPU (the built-in tiny world and its captions);
-:demo 4–10 min (20 × 128 trajectories), where the reward rises measurably with DDPO, DAG-DB
+:demo 7–11 min (20 × 128 trajectories), where the reward rises measurably with DDPO, DAG-DB
 and DAG-KL, and a little with B² (BENCHMARKS.md, "Demo runs").
 """
 
