@@ -173,7 +173,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The tiny world at a size where the reward measurably rises: about 7 min on 2 CPU cores.
+    """The tiny world at a size where the reward measurably rises: 7–11 min on 2 CPU cores.
 
     What makes the difference (BENCHMARKS.md "Demo runs"): 95 % of the tiny sampler's reward
     variance is fixed by the initial noise x_T, so independent samples give DDPO a gradient
