@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import parallel, train
+from dag_jax import train
 from dag_jax.algos.transitions import from_trajectory, take
 
 
@@ -68,11 +68,7 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
             f"--batch ({batch}) must split into chunks of {chunk} and groups of {group}"
         )
     config.sample.chunk = chunk
-    mesh = parallel.make_mesh(-1, 1)
-    model = train.load_model(config, mesh)
-    key = jax.random.fold_in(jax.random.key(config.seed), 1 << 31)
-    trainable = parallel.put(train.init_trainable(model, config, key), parallel.replicated(mesh))
-    phases = train.build_phases(model, config, train.make_tx(config, trainable))
+    mesh, model, trainable, phases = bench_tinyworld.base_world(config)
     rng = np.random.default_rng(seed)
     n_prompts = len(model.prompts)
 

@@ -57,6 +57,20 @@ def demo_config(task: str, algo: str, seed: int, epochs: int = 0):
     return c
 
 
+def base_world(config):
+    """Return (mesh, model, trainable, phases) of ``config``'s base model (LoRA at its init)."""
+    import jax
+
+    from dag_jax import parallel, train
+
+    mesh = parallel.make_mesh(-1, 1)
+    model = train.load_model(config, mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1 << 31)
+    trainable = parallel.put(train.init_trainable(model, config, key), parallel.replicated(mesh))
+    phases = train.build_phases(model, config, train.make_tx(config, trainable))
+    return mesh, model, trainable, phases
+
+
 EVAL_PROMPTS = 45  # prompts per split (the tiny world holds out 45 test captions)
 EVAL_SEEDS = 4  # images per prompt
 EVAL_SEED = 0

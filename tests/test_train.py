@@ -321,14 +321,19 @@ def test_group_advantages_standardise_within_each_group():
     np.testing.assert_allclose(train.group_advantages(np.full(4, 5.0), 2), 0.0)
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_sample_groups_share_prompt_and_initial_noise_only(group):
-    cfg = tiny_config(algo="ddpo", sample__group=group)
+def _first_epoch(cfg):
+    """Return (mesh, model, phases, state) of a run at epoch 0 on one device."""
     mesh = train.parallel.make_mesh(1, 1)
     model = train.load_model(cfg, mesh)
     trainable = train.init_trainable(model, cfg, jax.random.key(0))
     state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)
-    phases = train.build_phases(model, cfg, train.make_tx(cfg, trainable))
+    return mesh, model, train.build_phases(model, cfg, train.make_tx(cfg, trainable)), state
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_sample_groups_share_prompt_and_initial_noise_only(group):
+    cfg = tiny_config(algo="ddpo", sample__group=group)
+    mesh, model, phases, state = _first_epoch(cfg)
     data = train.collect(model, phases, cfg, mesh, state, jax.random.key(3))
     x_t = np.asarray(data.traj.latents[:, 0]).reshape(-1, group, *model.latent_shape)
     final = np.asarray(data.traj.latents[:, -1]).reshape(x_t.shape)
@@ -348,11 +353,7 @@ def test_sample_groups_share_prompt_and_initial_noise_only(group):
 
 def test_b2_prefix_baseline_selects_each_prefix_best_and_worst_branch():
     cfg = tiny_config(algo="b2", b2__baseline="prefix", b2__branches=4, b2__threshold=0.5)
-    mesh = train.parallel.make_mesh(1, 1)
-    model = train.load_model(cfg, mesh)
-    trainable = train.init_trainable(model, cfg, jax.random.key(0))
-    state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)
-    phases = train.build_phases(model, cfg, train.make_tx(cfg, trainable))
+    mesh, model, phases, state = _first_epoch(cfg)
     data = train.collect_b2(model, phases, cfg, mesh, state, jax.random.key(3))
     r = data.rewards.reshape(-1, 4)
     z = train.group_advantages(data.rewards, 4).reshape(r.shape)  # z within each prefix
