@@ -2,10 +2,10 @@
 
     python -m dag_jax.pretrain_tiny --workdir=runs/pretrain_tiny --out=dag_jax/assets
 
-Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet; about an hour
-on 2 CPU cores), then writes ``<out>/tiny_clip`` (a transformers CLIPModel folder with its
-tokenizer) and ``<out>/tiny_sd`` (a diffusers StableDiffusionPipeline folder), and measures
-them (``report.json`` in the workdir): the CLIP's zero-shot accuracy on held-out captions and
+Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet, judge; about
+75 minutes on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
+folder with its tokenizer) and ``<out>/tiny_sd`` (a diffusers StableDiffusionPipeline folder
+whose text encoder is stage 2's CLIP text tower), and measures them (``report.json`` in the workdir): the CLIP's zero-shot accuracy on held-out captions and
 the SD's prompt alignment judged by that CLIP. Finished stages are kept in the workdir and
 reused when the command is run again (``--restart`` retrains everything).
 """
@@ -53,10 +53,11 @@ def _write_clip_folder(path: Path, config: dict, params: dict, tok: pretrain.Tok
         )
 
 
-def _clip_stage(work: Path, recipe: pretrain.Recipe, tok, restart: bool) -> tuple[dict, dict]:
-    path = work / "clip"
+def _clip_stage(work: Path, name: str, train, tok, restart: bool) -> tuple[dict, dict]:
+    """Train (or reload) a CLIP kept as ``work/name``; ``train()`` returns (config, params)."""
+    path = work / name
     if restart or not (path / "model.safetensors").is_file():
-        config, params = pretrain.train_clip(recipe, tok)
+        config, params = train()
         _write_clip_folder(path, config, params, tok)
     _, params, config = load_clip(path)
     return config, params
@@ -91,7 +92,9 @@ def build_world(work: Path, recipe: pretrain.Recipe, restart: bool = False) -> d
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tok = _tokenizer_stage(work, restart)
-    clip_config, clip_params = _clip_stage(work, recipe, tok, restart)
+    clip_config, clip_params = _clip_stage(
+        work, "clip", lambda: pretrain.train_clip(recipe, tok), tok, restart
+    )
     vae_config, vae_params = _part_stage(
         work,
         "vae",
@@ -116,10 +119,17 @@ def build_world(work: Path, recipe: pretrain.Recipe, restart: bool = False) -> d
         lambda c: UNet2DConditionModel(UNetConfig.from_dict(c)),
         restart,
     )
+    judge = _clip_stage(
+        work,
+        "judge",
+        lambda: pretrain.train_judge(recipe, tok, clip_config, clip_params),
+        tok,
+        restart,
+    )
     log.info("all stages ready after %.0fs", time.time() - t0)
     return {
         "tokenizer": tok,
-        "clip": (clip_config, clip_params),
+        "clip": judge,
         "text_encoder": (text_config, text_params),
         "vae": (vae_config, vae_params),
         "unet": (unet_config, unet_params),

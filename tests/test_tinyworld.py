@@ -96,7 +96,7 @@ def smoke_world(tmp_path_factory):
     work = tmp_path_factory.mktemp("pretrain")
     recipe = pretrain.Recipe(
         clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=8,
-        latent_pool=16, log_every=1,
+        latent_pool=16, judge_steps=2, judge_batch=16, log_every=1,
     )  # fmt: skip
     world = pretrain_tiny.build_world(work / "stages", recipe)
     clip_path, sd_path = pretrain_tiny.write_world(world, work / "out")
@@ -107,17 +107,21 @@ def test_pretraining_writes_loadable_folders(smoke_world):
     from dag_jax.pipeline import load_pipeline
     from dag_jax.weights.clip_loader import load_clip
 
-    _, _, world, clip_path, sd_path = smoke_world
+    work, _, world, clip_path, sd_path = smoke_world
     pipe = load_pipeline(sd_path)
     assert pipe.latent_shape == (4, 8, 8) and pipe.vae_scale_factor == 8
     assert pipe.tokenizer.model_max_length == models.TOKEN_LENGTH
     scale = pipe.vae.config.scaling_factor
     assert scale > 0 and scale != 1.0  # set from the encoder's latents
-    _, params, config = load_clip(clip_path)
-    np.testing.assert_array_equal(  # the SD text encoder is the CLIP's text tower
-        params["text_model"]["embeddings"]["token_embedding"]["embedding"],
-        pipe.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"],
-    )
+    _, judge, _ = load_clip(clip_path)  # the shipped CLIP is the judge (stage 5)
+    _, stage2, _ = load_clip(work / "stages" / "clip")
+
+    def token_table(params):
+        return params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+    # the SD text encoder is stage 2's CLIP text tower; the judge trained on from it
+    np.testing.assert_array_equal(token_table(stage2), token_table(pipe.params["text_encoder"]))
+    assert not np.array_equal(token_table(judge), token_table(stage2))
     assert (clip_path / "vocab.json").is_file() and (sd_path / "tokenizer" / "merges.txt").is_file()
     assert json.loads((clip_path / "preprocessor_config.json").read_text())["crop_size"] == {
         "height": 64,
@@ -134,11 +138,15 @@ def test_pretraining_reuses_finished_stages(smoke_world, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a finished stage was retrained")
 
-    for stage in ("train_clip", "train_vae", "train_unet"):
+    for stage in ("train_clip", "train_vae", "train_unet", "train_judge"):
         monkeypatch.setattr(pretrain, stage, fail)
     again = pretrain_tiny.build_world(work / "stages", recipe)
     np.testing.assert_array_equal(
         again["unet"][1]["conv_in"]["kernel"], world["unet"][1]["conv_in"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        again["clip"][1]["visual_projection"]["kernel"],
+        world["clip"][1]["visual_projection"]["kernel"],
     )
 
 
@@ -152,6 +160,41 @@ def test_contrastive_loss_counts_identical_captions_as_positives():
     assert float(contrastive_loss(perfect, labels)) == pytest.approx(np.log(2) * 2 / 3, abs=1e-3)
     wrong = -perfect
     assert float(contrastive_loss(wrong, labels)) > 10
+
+
+def test_judge_batches_draw_every_triple_in_proportion():
+    from dag_jax.tinyworld.pretrain import judge_batch
+
+    images, labels = judge_batch(3, 5, 40)
+    assert images.shape == (40, 64, 64, 3) and labels.shape == (40,)
+    n_train = len(shapes.captions("train"))
+    held_out = int(np.sum(labels >= n_train))  # test captions follow train ones
+    n_triples = [len(shapes.triples(split)) for split in shapes.SPLITS]
+    assert held_out == round(40 * n_triples[1] / sum(n_triples)) >= 1
+    again, labels_again = judge_batch(3, 5, 40)
+    np.testing.assert_array_equal(again, images)
+    np.testing.assert_array_equal(labels_again, labels)
+    assert not np.array_equal(judge_batch(3, 6, 40)[1], labels)
+
+
+def test_judge_loss_classifies_among_every_caption():
+    import jax.numpy as jnp
+
+    from dag_jax.tinyworld.pretrain import contrastive_loss, judge_loss
+
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7)), jnp.float32)
+    labels = jnp.array([4, 1, 4])
+    every = -np.mean([_log_softmax(np.asarray(logits[i]))[int(labels[i])] for i in range(3)])
+    in_batch = float(contrastive_loss(logits[:, labels], labels))
+    assert float(judge_loss(logits, labels)) == pytest.approx(every + in_batch, rel=1e-5)
+    # a caption outside the batch still counts: raising it raises the loss
+    worse = logits.at[:, 6].add(5.0)
+    assert float(judge_loss(worse, labels)) > float(judge_loss(logits, labels)) + 1
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 # --------------------------------------------------------------------------- shipped world

@@ -4,7 +4,8 @@ Sizes are chosen so that the whole world pretrains in about an hour on 2 CPU cor
 well under 30 MB, while keeping every architectural feature of SD1.x: a KL autoencoder with an
 8× downsampling (64-px images ↔ 4×8×8 latents), a UNet with cross-attention down/up blocks and
 a CLIP text encoder whose last hidden state conditions it. The SD text encoder is the text tower
-of the tiny CLIP, as SD1.x's is OpenAI CLIP's.
+of the stage-2 CLIP, as SD1.x's is OpenAI CLIP's; the shipped ``tiny_clip`` (the judge) has the
+same shapes, trained further (``pretrain.train_judge``).
 """
 
 from __future__ import annotations

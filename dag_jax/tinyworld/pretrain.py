@@ -10,6 +10,16 @@ Stages, each a pure function of (recipe, what earlier stages produced):
 4. ``train_unet``: an ε-prediction UNet on SD's noise schedule, conditioned on the frozen CLIP
    text tower's last hidden state, captions dropped 10 % of the time (for classifier-free
    guidance), EMA weights kept and shipped.
+5. ``train_judge``: the reward CLIP (shipped as ``tiny_clip``): stage 2's CLIP trained further
+   on scenes of *every* (colour, kind, background) triple, each image against all captions.
+   The SD keeps stage 2's text tower, as SD1.x keeps the CLIP it was trained with.
+
+Why a separate judge: stage 2 sees only training triples and in-batch negatives, and at its
+budget learns colour and background but not kind or count (zero-shot at chance); on training
+triples it can guess the kind from colour and background, a shortcut that held-out triples
+punish. A reward model is not bound to the generator's split (a real CLIPScore model has seen
+far more than the generator's fine-tuning prompts), and scoring every image against the whole
+caption set makes kind and count the only way to lower the loss once colour is known.
 
 Every stage draws its examples from ``shapes.batch`` with its own stream seed, so a recipe and a
 seed give the same weights on the same software (XLA may differ across machines in the last
@@ -40,7 +50,8 @@ from dag_jax.weights.clip_loader import build_clip
 log = logging.getLogger(__name__)
 
 # stream seeds of the stages: example i of stage s is shapes.example(seed * 16 + s, i)
-_CLIP_STREAM, _VAE_STREAM, _UNET_STREAM, _EVAL_STREAM = 1, 2, 3, 4
+# (stream 5 is measuring's zero-shot images, in ``pretrain_tiny.measure``)
+_CLIP_STREAM, _VAE_STREAM, _UNET_STREAM, _EVAL_STREAM, _JUDGE_STREAM = 1, 2, 3, 4, 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,9 @@ class Recipe:
     unet_uncond_prob: float = 0.1
     unet_ema: float = 0.999
     latent_pool: int = 16384  # encoded training images the UNet stage draws from
+    judge_steps: int = 1500
+    judge_batch: int = 128
+    judge_lr: float = 1e-3
     warmup: int = 200
     log_every: int = 100
 
@@ -80,6 +94,7 @@ class Recipe:
             clip_steps=n(self.clip_steps),
             vae_steps=n(self.vae_steps),
             unet_steps=n(self.unet_steps),
+            judge_steps=n(self.judge_steps),
             latent_pool=max(self.unet_batch, n(self.latent_pool)),
             log_every=n(self.log_every),
         )
@@ -204,6 +219,60 @@ def train_clip(recipe: Recipe, tok: Tokenizer) -> tuple[dict, dict]:
         )
         params, opt, loss = step(params, opt, images, labels["caption"])
         _log_progress("clip", i + 1, recipe.clip_steps, float(loss), t0, recipe.log_every)
+    return config, jax.device_get(params)
+
+
+def judge_batch(seed: int, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (images, caption labels) of step ``step``: both splits, in proportion to triples.
+
+    The test split's share is its share of all triples (at least one image), so every
+    caption of ``all_captions()`` is drawn about equally often.
+    """
+    n_train, n_test = (len(shapes.triples(split)) for split in shapes.SPLITS)
+    share = n_test / (n_train + n_test)
+    n_test = max(1, round(n * share))
+    parts = [
+        shapes.batch(seed, step * size, size, split)
+        for split, size in (("train", n - n_test), ("test", n_test))
+    ]
+    images = np.concatenate([p[0] for p in parts])
+    return images, np.concatenate([p[2]["caption"] for p in parts])
+
+
+def judge_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Return the judge's loss of (images, all captions) ``logits`` and true caption ``labels``.
+
+    Each image is classified among every caption of the world (cross-entropy), plus the
+    symmetric in-batch InfoNCE of stage 2 on the batch's own captions.
+    """
+    every = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return every + contrastive_loss(logits[:, labels], labels)
+
+
+def train_judge(recipe: Recipe, tok: Tokenizer, config: dict, params: dict) -> tuple[dict, dict]:
+    """Return (config, params) of the reward CLIP: stage 2's ``params`` trained on every triple.
+
+    No weight decay: at stage 2's 0.1 the image tower did not learn kind or count.
+    """
+    module, _ = build_clip(config)
+    caption_ids = jnp.asarray(tok.ids(shapes.all_captions()))
+    tx = _adamw(recipe.judge_lr, recipe.judge_steps, recipe.warmup, weight_decay=0.0)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, images, labels):
+        def loss_fn(p):
+            return judge_loss(clip_logits(module, p, pixels_of(images), caption_ids), labels)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    t0 = time.time()
+    for i in range(recipe.judge_steps):
+        images, labels = judge_batch(recipe.stream(_JUDGE_STREAM), i, recipe.judge_batch)
+        params, opt, loss = step(params, opt, images, labels)
+        _log_progress("judge", i + 1, recipe.judge_steps, float(loss), t0, recipe.log_every)
     return config, jax.device_get(params)
 
 
