@@ -5,8 +5,9 @@
 Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet, judge; about
 75 minutes on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
 folder with its tokenizer) and ``<out>/tiny_sd`` (a diffusers StableDiffusionPipeline folder
-whose text encoder is stage 2's CLIP text tower), and measures them (``report.json`` in the workdir): the CLIP's zero-shot accuracy on held-out captions and
-the SD's prompt alignment judged by that CLIP. Finished stages are kept in the workdir and
+whose text encoder is stage 2's CLIP text tower), and measures them (``report.json`` in the
+workdir): the judge's zero-shot accuracy on fresh images of both splits and the SD's prompt
+alignment judged by it. Finished stages are kept in the workdir and
 reused when the command is run again (``--restart`` retrains everything).
 """
 
