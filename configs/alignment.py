@@ -8,10 +8,13 @@ Reward: a captioning server (DDPO's LLaVA + BERTScore recall, JSON protocol, see
 ``dag_jax/rewards/captioning.py``) scores how well an image shows its prompt. Prompts: DDPO's
 ``nouns_activities`` ("a dog riding a bike", 135). Default objective DAG-DB;
 --config.algo=ddpo|dag_kl|b2 for the others. The :tiny / :demo variants align the built-in tiny
-world to ``tiny_clipscore`` (the tiny CLIP's cosine of image and caption) on its captions:
-:tiny ~1 min, :demo 7–11 min on 2 CPU cores; at :demo's settings the tiny CLIPScore does not
-rise yet with any objective (BENCHMARKS.md, "Demo runs": the tiny CLIP reads little beyond
-colour and background, which the base model mostly gets right).
+world to ``tiny_clipscore`` (the judge's cosine of image and caption) on its captions: :tiny
+~1 min, :demo 7–11 min on 2 CPU cores. :demo here steps at lr 1e-3, not compressibility's
+5e-3, and scales DDPO's and B²'s group baselines by one pooled std
+(``ddpo.group_scale`` = "pooled"): the paired line search (BENCHMARKS.md, "Demo runs") found
+a step costing alignment about as much as it gains above lr 3e-3, and two batches' gradients
+nearly orthogonal, so steps must be small; and groups whose samples the judge scores alike
+would otherwise get unit-size advantages of pure noise.
 """
 
 import runpy
@@ -24,4 +27,8 @@ def get_config(arg: str | None = None):
     c = base["get_config"]()
     c.reward.name = "bertscore"
     c.prompts.name = "nouns_activities"
-    return base["variant"](c, arg)
+    c = base["variant"](c, arg)
+    if (arg or "").strip() == "demo":
+        c.train.learning_rate = 1e-3
+        c.ddpo.group_scale = "pooled"
+    return c

@@ -101,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.ddpo.tracker_buffer = 32
     c.ddpo.tracker_min_count = 16
     c.ddpo.inner_epochs = 1
+    # how rewards standardised within a group (sample.group's shared-x_T groups, or with
+    # b2.baseline "prefix" one prefix's branches) are scaled: "group", each group by its own
+    # std (as GRPO); "pooled", all by one std of the deviations from the group means, so a
+    # group whose rewards are nearly equal gets nearly zero advantages, not unit-size noise
+    c.ddpo.group_scale = "group"
 
     c.b2 = ml_collections.ConfigDict()
     c.b2.objective = "ddpo"  # ddpo | dag_db | dag_kl

@@ -59,6 +59,7 @@ ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
 B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
 DAG_BASELINES = ("rows", "step")
 B2_BASELINES = ("prompt", "prefix")
+GROUP_SCALES = ("group", "pooled")
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.b2.baseline must be one of {B2_BASELINES}")
     if c.dag.baseline not in DAG_BASELINES:
         raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
+    if c.ddpo.group_scale not in GROUP_SCALES:
+        raise ConfigError(f"config.ddpo.group_scale must be one of {GROUP_SCALES}")
     if _objective(c) == "dag_kl" or _step_baseline(c):
         if c.dag.baseline_group < 2:
             raise ConfigError(f"dag.baseline_group must be >= 2, got {c.dag.baseline_group}")
@@ -611,16 +614,21 @@ def sample_scored(model: Model, phases: Phases, mesh, trainable, prompt_idx, eke
     return _concat(trajs), np.concatenate(rewards_)
 
 
-def group_advantages(rewards_: np.ndarray, group: int) -> np.ndarray:
-    """Return (N,) rewards standardised within consecutive groups of ``group`` (std + 1e-6).
+def group_advantages(rewards_: np.ndarray, group: int, scale: str = "group") -> np.ndarray:
+    """Return (N,) rewards standardised within consecutive groups of ``group``.
 
     The groups of ``sample.group`` share their prompt and initial noise x_T, so the baseline
     removes what x_T decides (most of a short sampler's reward variance) without bias: x_T is
-    not an action of the policy.
+    not an action of the policy. Each group's mean is subtracted; ``scale`` "group" divides by
+    each group's own std (+ 1e-6), "pooled" by one std over every group's deviations (the
+    root mean square of the groups' stds, + 1e-6), which keeps the groups' relative spreads.
     """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
     r = np.asarray(rewards_, np.float64).reshape(-1, group)
-    z = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
-    return z.reshape(-1).astype(np.float32)
+    d = r - r.mean(1, keepdims=True)
+    std = d.std(1, keepdims=True) if scale == "group" else np.sqrt(np.mean(d**2))
+    return (d / (std + 1e-6)).reshape(-1).astype(np.float32)
 
 
 def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
@@ -632,7 +640,7 @@ def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) 
     traj, r = sample_scored(model, phases, mesh, state.trainable, prompt_idx, ekey, chunk)
     adv = np.zeros(n, np.float32)
     if _objective(c) == "ddpo" and g > 1:  # standardised within each shared-x_T group
-        adv = group_advantages(r, g)
+        adv = group_advantages(r, g, c.ddpo.group_scale)
     elif _objective(c) == "ddpo":  # DDPO's per-prompt running statistics (release)
         adv = np.asarray(state.tracker.update(prompt_idx.tolist(), r), np.float32)
     keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
@@ -660,7 +668,8 @@ def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, eke
     r = np.concatenate(rewards_).reshape(p, nb)
     state.history.add_stage(prompt_idx.tolist(), r)
     if c.b2.baseline == "prefix":  # within the branches of one prefix
-        z = group_advantages(r.reshape(-1), nb).reshape(p, nb).astype(np.float64)
+        z = group_advantages(r.reshape(-1), nb, c.ddpo.group_scale)
+        z = z.reshape(p, nb).astype(np.float64)
     else:  # against the prompt's pooled history (release)
         z = b2.group_zscores(prompt_idx.tolist(), r, state.history)
     if c.b2.objective != "ddpo":  # DAG objectives need no advantages: train every branch

@@ -137,6 +137,7 @@ def test_flow_warmup_trains_the_flow_alone(tmp_path):
         (dict(sample__group=3), r"by sample.group \(3\)"),
         (dict(dag__baseline="batch"), "config.dag.baseline"),
         (dict(b2__baseline="batch"), "config.b2.baseline"),
+        (dict(ddpo__group_scale="batch"), "config.ddpo.group_scale"),
         (dict(dag__baseline="step", dag__baseline_group=8), r"train.trajectories_per_step=4"),
         (dict(dag__baseline="step", dag__baseline_group=1), "baseline_group must be >= 2"),
     ],
@@ -319,6 +320,18 @@ def test_group_advantages_standardise_within_each_group():
     np.testing.assert_allclose(adv[:3], [-1.2247, 0.0, 1.2247], atol=1e-4)
     np.testing.assert_allclose(adv[3:], [-0.7071, -0.7071, 1.4142], atol=1e-4)
     np.testing.assert_allclose(train.group_advantages(np.full(4, 5.0), 2), 0.0)
+
+
+def test_pooled_group_advantages_keep_the_groups_relative_spread():
+    r = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.003])
+    adv = train.group_advantages(r, 3, "pooled")
+    d = r.reshape(2, 3) - r.reshape(2, 3).mean(1, keepdims=True)
+    np.testing.assert_allclose(adv, (d / np.sqrt(np.mean(d**2))).reshape(-1), rtol=1e-5)
+    assert np.abs(adv[3:]).max() < 0.01  # a near-tie stays near zero
+    assert np.abs(train.group_advantages(r, 3)[3:]).max() > 0.7  # per group: unit-size noise
+    assert np.mean(adv**2) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        train.group_advantages(r, 3, "batch")
 
 
 def _first_epoch(cfg):
