@@ -252,7 +252,8 @@ def judge_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def train_judge(recipe: Recipe, tok: Tokenizer, config: dict, params: dict) -> tuple[dict, dict]:
     """Return (config, params) of the reward CLIP: stage 2's ``params`` trained on every triple.
 
-    No weight decay: at stage 2's 0.1 the image tower did not learn kind or count.
+    No weight decay (stage 2 uses 0.1): in short probes a ViT of these shapes began to count
+    only without it.
     """
     module, _ = build_clip(config)
     caption_ids = jnp.asarray(tok.ids(shapes.all_captions()))
