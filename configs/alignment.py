@@ -9,9 +9,10 @@ Reward: a captioning server (DDPO's LLaVA + BERTScore recall, JSON protocol, see
 ``nouns_activities`` ("a dog riding a bike", 135). Default objective DAG-DB;
 --config.algo=ddpo|dag_kl|b2 for the others. The :tiny / :demo variants align the built-in tiny
 world to ``tiny_clipscore`` (the judge's cosine of image and caption) on its captions: :tiny
-~1 min, :demo 7–11 min on 2 CPU cores. :demo here steps at lr 1e-3, not compressibility's
-5e-3, and scales DDPO's and B²'s group baselines by one pooled std
-(``ddpo.group_scale`` = "pooled"): the paired line search (BENCHMARKS.md, "Demo runs") found
+~1 min, :demo 5–11 min on 2 CPU cores, where the held-out score rises a little with DDPO,
+DAG-DB and DAG-KL and not with B² (BENCHMARKS.md, "Alignment with the judge"). :demo here
+steps at lr 1e-3, not compressibility's 5e-3, and scales DDPO's and B²'s group baselines by
+one pooled std (``ddpo.group_scale`` = "pooled"): the paired line search (same section) found
 a step costing alignment about as much as it gains above lr 3e-3, and two batches' gradients
 nearly orthogonal, so steps must be small; and groups whose samples the judge scores alike
 would otherwise get unit-size advantages of pure noise.
