@@ -13,8 +13,8 @@ world to ``tiny_clipscore`` (the judge's cosine of image and caption) on its cap
 DAG-DB and DAG-KL and not with B² (BENCHMARKS.md, "Alignment with the judge"). :demo here
 steps at lr 1e-3, not compressibility's 5e-3, and scales DDPO's and B²'s group baselines by
 one pooled std (``ddpo.group_scale`` = "pooled"): the paired line search (same section) found
-a step costing alignment about as much as it gains above lr 3e-3, and two batches' gradients
-nearly orthogonal, so steps must be small; and groups whose samples the judge scores alike
+a step at lr 1e-2 costing alignment more than it gains, and two batches' gradients nearly
+orthogonal, so steps must be small; and groups whose samples the judge scores alike
 would otherwise get unit-size advantages of pure noise.
 """
 
