@@ -3,7 +3,7 @@
     python -m dag_jax.pretrain_tiny --workdir=runs/pretrain_tiny --out=dag_jax/assets
 
 Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet, judge; about
-75 minutes on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
+an hour on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
 folder with its tokenizer) and ``<out>/tiny_sd`` (a diffusers StableDiffusionPipeline folder
 whose text encoder is stage 2's CLIP text tower), and measures them (``report.json`` in the
 workdir): the judge's zero-shot accuracy on fresh images of both splits and the SD's prompt
