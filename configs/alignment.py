@@ -10,12 +10,13 @@ Reward: a captioning server (DDPO's LLaVA + BERTScore recall, JSON protocol, see
 --config.algo=ddpo|dag_kl|b2 for the others. The :tiny / :demo variants align the built-in tiny
 world to ``tiny_clipscore`` (the judge's cosine of image and caption) on its captions: :tiny
 ~1 min, :demo 5–11 min on 2 CPU cores, where the held-out score rises a little with DDPO,
-DAG-DB and DAG-KL and not with B² (BENCHMARKS.md, "Alignment with the judge"). :demo here
-steps at lr 1e-3, not compressibility's 5e-3, and scales DDPO's and B²'s group baselines by
-one pooled std (``ddpo.group_scale`` = "pooled"): the paired line search (same section) found
-a step at lr 1e-2 costing alignment more than it gains, and two batches' gradients nearly
-orthogonal, so steps must be small; and groups whose samples the judge scores alike
-would otherwise get unit-size advantages of pure noise.
+DAG-DB and DAG-KL, and with B² once its branches part early (``b2.low`` = 9, one seed)
+(BENCHMARKS.md, "Alignment with the judge"). :demo here steps at lr 1e-3, not
+compressibility's 5e-3, and scales DDPO's and B²'s group baselines by one pooled std
+(``ddpo.group_scale`` = "pooled"): the paired line search (same section) found a step at lr
+1e-2 costing alignment more than it gains, and two batches' gradients nearly orthogonal, so
+steps must be small; and groups whose samples the judge scores alike would otherwise get
+unit-size advantages of pure noise.
 """
 
 import runpy
@@ -32,4 +33,5 @@ def get_config(arg: str | None = None):
     if (arg or "").strip() == "demo":
         c.train.learning_rate = 1e-3
         c.ddpo.group_scale = "pooled"
+        c.b2.low = 9  # B² branches part by step 1 of 10: count and colour are settled early
     return c
