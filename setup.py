@@ -43,6 +43,7 @@ setup(
             "transformers>=4.40",
             "peft>=0.11",
             "open_clip_torch>=2.24",
+            "pytorch-fid>=0.3",
             "ruff>=0.6",
             "matplotlib>=3.7",
         ],

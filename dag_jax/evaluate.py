@@ -614,7 +614,9 @@ def define_flags() -> None:
         "reward_options", "{}", 'JSON options of extra rewards: {"aesthetic": {"head": "…"}}'
     )
     flags.DEFINE_string(
-        "feature_model", "", "CLIP folder or hub id, pixels[:S], or module:factory (default: auto)"
+        "feature_model",
+        "",
+        "CLIP folder or hub id, pixels[:S], inception:FILE (FID), module:factory (default: auto)",
     )
     flags.DEFINE_integer("batch_size", 0, "images per compiled sampling call (0: sample.chunk)")
     flags.DEFINE_multi_string("test_prompt", None, "held-out prompt (repeat; replaces the split)")

@@ -12,9 +12,14 @@ A ``FeatureExtractor`` is anything with a ``name`` (recorded in eval.json) and a
   reward's in-graph CLIP preprocessing (quantise, bicubic resize, center crop, mean/std);
 - ``pixels`` or ``pixels:S``: ``PixelFeatures``, the image resized to S × S (default 16) and
   flattened; needs no weights (a fallback, not a perceptual metric);
-- ``package.module:factory``: ``factory()`` (no arguments) returns the extractor. This is how
-  an Inception-v3 (pool features, for FID proper) or a DreamSim tower plugs in; none ships
-  with dag_jax, as no Inception-v3 weights are available offline.
+- ``inception:FILE``: ``InceptionFeatures``, the 2048-d pool features of the Linen Inception-v3
+  (``models.inception``) with the weights in FILE: pytorch-fid's port of FID's graph
+  (``pt_inception-2015-12-05-6726825d.pth``, so the Fréchet distance is FID proper) or
+  torchvision's ImageNet ``inception_v3`` (``weights/inception.py``). Images are quantised to
+  uint8 levels, resized bilinearly to 299 × 299 and scaled to [-1, 1], as pytorch-fid does.
+  No Inception weights ship with dag_jax;
+- ``package.module:factory``: ``factory()`` (no arguments) returns the extractor (e.g. a
+  DreamSim tower).
 """
 
 from __future__ import annotations
@@ -102,6 +107,40 @@ class PixelFeatures:
         return np.asarray(self._fn(jnp.asarray(images, jnp.float32)), np.float32)
 
 
+@dataclasses.dataclass
+class InceptionFeatures:
+    """Inception-v3 pool features (N, 2048) of images resized to ``size`` (299 for FID)."""
+
+    source: str
+    module: Any
+    params: dict
+    size: int = 299
+
+    def __post_init__(self):
+        from dag_jax.models.inception import preprocess
+        from dag_jax.rewards.base import quantize
+
+        module, size = self.module, self.size
+        self._fn = jax.jit(lambda p, x: module.apply({"params": p}, preprocess(quantize(x), size)))
+
+    @property
+    def name(self) -> str:
+        """Return ``inception-<variant>:<file>``."""
+        return f"inception-{self.module.variant}:{self.source}"
+
+    def __call__(self, images: Any) -> np.ndarray:
+        """Return (N, 2048) float32 pool features of (N, H, W, 3) images in [0, 1]."""
+        return np.asarray(self._fn(self.params, jnp.asarray(images, jnp.float32)), np.float32)
+
+
+def inception_features(path: str, variant: str | None = None, size: int = 299):
+    """Return InceptionFeatures with the Inception-v3 weights file at ``path``."""
+    from dag_jax.weights.inception import load_inception
+
+    module, params = load_inception(path, variant)
+    return InceptionFeatures(str(path), module, jax.device_put(params), size)
+
+
 def _factory(spec: str):
     """Return the callable named by ``module:function``, or None when ``spec`` is not one."""
     if spec.count(":") != 1 or Path(spec).expanduser().exists():
@@ -121,6 +160,8 @@ def load_feature_extractor(spec: str) -> FeatureExtractor:
     if spec == "pixels" or spec.startswith("pixels:"):
         _, _, size = spec.partition(":")
         return PixelFeatures(int(size) if size else 16)
+    if spec.startswith("inception:"):
+        return inception_features(spec.partition(":")[2])
     factory = _factory(spec)
     if factory is not None:
         return factory()

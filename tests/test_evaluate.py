@@ -170,8 +170,12 @@ def test_base_and_checkpoints_share_seeds_whatever_the_batch(
     assert result["step"] == 1 and set(result["splits"]) == {"test"}
     cli_base = ev.load_samples(run_dir / "eval" / "base" / "samples.npz")["test"]
     new_base = ev.load_samples(out / "base" / "samples.npz")["test"]
-    np.testing.assert_allclose(new_base.features, cli_base.features, atol=1e-5)
-    np.testing.assert_array_equal(new_base.grid, cli_base.grid)
+    # The same noise, so the same images up to the CPU's batch-shape-dependent fp32 rounding:
+    # on an AMD EPYC one pixel channel in 6144 lands one uint8 level off, and the embeddings
+    # move by up to 3e-4 (unit-size features). Different noise would change most pixels.
+    off = np.abs(new_base.grid.astype(np.int16) - cli_base.grid.astype(np.int16))
+    assert off.max() <= 1 and np.mean(off > 0) < 1e-3, (off.max(), np.mean(off > 0))
+    np.testing.assert_allclose(new_base.features, cli_base.features, atol=2e-3)
     step1 = ev.load_samples(out / "1" / "samples.npz")["test"]
     assert step1.features.shape == cli_base.features.shape
     assert not (run_dir / "eval" / "1").exists()  # out= keeps the run's folder untouched

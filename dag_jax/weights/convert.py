@@ -12,7 +12,7 @@ names ``linear_1``/``linear_2``; ``kernel`` is ``weight`` transposed (conv OIHW 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -20,7 +20,10 @@ from flax import traverse_util
 # Segments that end in ``_<digits>`` but are real PyTorch attribute names.
 REAL_NAMES = frozenset({"linear_1", "linear_2"})
 # PyTorch buffers that carry no learned weight and are dropped on load.
-IGNORED_TORCH_KEYS = (re.compile(r"(^|\.)position_ids$"),)
+IGNORED_TORCH_KEYS = (
+    re.compile(r"(^|\.)position_ids$"),
+    re.compile(r"(^|\.)num_batches_tracked$"),  # BatchNorm's step counter
+)
 # Legacy attention names (old VAE checkpoints, diffusers-Flax msgpack) → current names.
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
 
@@ -44,6 +47,15 @@ def torch_key(path: tuple[str, ...]) -> str:
     """Return the PyTorch state-dict key of a Linen param path."""
     *modules, leaf = path
     return ".".join([_segment_to_torch(s) for s in modules] + [_LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def literal_torch_key(path: tuple[str, ...]) -> str:
+    """Return the PyTorch key of a path whose module names are PyTorch's own (no ``_N`` rule).
+
+    For models whose attribute names end in digits (Inception's ``branch3x3_1``).
+    """
+    *modules, leaf = path
+    return ".".join([*modules, _LEAF_TO_TORCH.get(leaf, leaf)])
 
 
 def _legacy_torch_keys(path: tuple[str, ...]) -> list[str]:
@@ -95,19 +107,23 @@ def _report(what: str, missing: Iterable[str], unexpected: Iterable[str], shapes
 
 
 def torch_to_linen(
-    state_dict: Mapping[str, np.ndarray], target: Mapping, what: str = "model"
+    state_dict: Mapping[str, np.ndarray],
+    target: Mapping,
+    what: str = "model",
+    key_fn: Callable[[tuple[str, ...]], str] = torch_key,
 ) -> dict:
     """Return a Linen params tree shaped like ``target`` from a PyTorch state dict.
 
-    ``target`` is a nested dict whose leaves have ``.shape`` (arrays or ShapeDtypeStructs).
-    Raises WeightsError naming every missing, unexpected or mis-shaped key.
+    ``target`` is a nested dict whose leaves have ``.shape`` (arrays or ShapeDtypeStructs);
+    ``key_fn`` names a path's PyTorch key. Raises WeightsError naming every missing,
+    unexpected or mis-shaped key.
     """
     flat_target = traverse_util.flatten_dict(dict(target))
     used: set[str] = set()
     missing, shapes = [], []
     out = {}
     for path, spec in flat_target.items():
-        candidates = [torch_key(path)] + _legacy_torch_keys(path)
+        candidates = [key_fn(path)] + (_legacy_torch_keys(path) if key_fn is torch_key else [])
         key = next((k for k in candidates if k in state_dict), None)
         if key is None:
             missing.append(f"{candidates[0]} {tuple(spec.shape)}")

@@ -102,20 +102,42 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    """Return the tensors of a PyTorch pickle (``.bin``/``.pt``/``.pth``), read with
+    ``torch.load(weights_only=True)``; a training checkpoint's ``state_dict`` is unwrapped."""
     try:
         import torch
     except ImportError as err:
         raise WeightsError(
-            f"{path} is a PyTorch .bin file and torch is not installed; install torch or "
+            f"{path} is a PyTorch checkpoint and torch is not installed; install torch or "
             f"convert the checkpoint to safetensors"
         ) from err
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
         raise WeightsError(f"cannot read {path} safely (weights_only=True): {err}") from err
-    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # HPS v2 / OpenCLIP training checkpoints
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path} holds no tensors (keys: {sorted(state)[:20]})")
+    return {
+        k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in tensors.items()
+    }
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Return the flat state dict (numpy) of one ``.safetensors`` file or PyTorch pickle.
+
+    Raises FileNotFoundError naming a missing file and WeightsError for an unreadable one.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_bin(path)
 
 
 def read_state_dict(files: list[Path], fmt: str) -> dict[str, np.ndarray]:

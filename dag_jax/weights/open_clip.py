@@ -308,31 +308,6 @@ def clip_config_from_open_clip(
     }
 
 
-def _read_torch_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """Return the tensors of a ``.pt``/``.bin`` checkpoint, unwrapping a ``state_dict`` key."""
-    try:
-        import torch
-    except ImportError as err:
-        raise WeightsError(
-            f"{path} is a PyTorch checkpoint and torch is not installed; install torch or "
-            f"convert it to safetensors"
-        ) from err
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"cannot read {path} safely (weights_only=True): {err}") from err
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]  # HPS v2 / OpenCLIP training checkpoints
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise WeightsError(f"{path} holds no tensors (keys: {sorted(state)[:20]})")
-    return {
-        k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in tensors.items()
-    }
-
-
 def _as_fp32(tree: Any) -> Any:
     """Return the nested dict with floating leaves cast to fp32 numpy."""
     if isinstance(tree, Mapping):
@@ -351,9 +326,7 @@ def read_open_clip_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"OpenCLIP checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return folder.read_state_dict([path], "safetensors")
-    return _read_torch_checkpoint(path)
+    return folder.read_weights_file(path)
 
 
 def load_open_clip(
