@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 
 VARIANTS = ("fid", "torchvision")
-FEATURES = 2048
+FEATURES = 2048  # width of the pool features
 INPUT_SIZE = 299
 BN_EPS = 1e-3
-
-Pad = tuple[tuple[int, int], tuple[int, int]]
 
 
 def check_variant(variant: str) -> str:
@@ -212,7 +210,7 @@ class InceptionV3(nn.Module):
         x = InceptionD(name="Mixed_7a")(x)
         x = InceptionE("avg" if tv else "avg_valid", name="Mixed_7b")(x)
         x = InceptionE("avg" if tv else "max", name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2))
+        return jnp.mean(x, axis=(1, 2))  # (N, FEATURES)
 
 
 def preprocess(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
