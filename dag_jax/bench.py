@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import tiny
+from dag_jax import hostmem, tiny
 from dag_jax.bench_reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
@@ -204,6 +204,7 @@ def machine_info() -> dict:
         "jax_device": f"{dev.platform}:{dev.device_kind}",
         "jax_device_count": jax.device_count(),
         "jax_version": jax.__version__,
+        "host_memory_kept": hostmem.is_applied(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -658,6 +659,7 @@ def run(what: str, settings: Settings) -> list[dict]:
     """Run bench ``what``, print its table, write ``settings.json`` if set; return the records."""
     if what not in BENCHES:
         raise ValueError(f"unknown benchmark {what!r}; known: {', '.join(sorted(BENCHES))}")
+    hostmem.tune_for_cpu()
     records = BENCHES[what](settings)
     print(format_table(records))
     if settings.json:

@@ -10,7 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dag_jax import hostmem  # noqa: E402
 from tests import tiny_world  # noqa: E402
+
+# Tests compute on the CPU: reuse freed host memory between jitted runs, as the CLIs do.
+hostmem.keep_freed_host_memory()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+"""dag_jax.hostmem: glibc's thresholds are raised once, and the env var opts out."""
+
+from __future__ import annotations
+
+import ctypes.util
+import subprocess
+import sys
+
+import pytest
+
+from dag_jax import hostmem
+
+HAS_GLIBC_MALLOPT = bool(ctypes.util.find_library("c")) and sys.platform.startswith("linux")
+
+
+def _transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+def _child(code: str, env_value: str | None) -> str:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != hostmem.ENV_VAR}
+    if env_value is not None:
+        env[hostmem.ENV_VAR] = env_value
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not HAS_GLIBC_MALLOPT, reason="needs glibc's mallopt")
+def test_tune_for_cpu_applies_once_and_honours_the_opt_out():
+    code = (
+        "from dag_jax import hostmem\n"
+        "before = hostmem.is_applied()\n"
+        "first = hostmem.tune_for_cpu()\n"
+        "print(before, first, hostmem.tune_for_cpu(), hostmem.is_applied())\n"
+    )
+    assert _child(code, None) == "False True True True"
+    assert _child(code, "0") == "False False False False"
+
+
+@pytest.mark.skipif(not HAS_GLIBC_MALLOPT, reason="needs glibc's mallopt")
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_freed_large_block_is_reused_without_page_faults(keep):
+    # Touch a 64 MiB block, free it, allocate and touch one again: by glibc's default the
+    # second block is a fresh mmap that faults in every page again; with the thresholds raised
+    # it is the same heap memory, already mapped.
+    code = (
+        "import ctypes, ctypes.util, resource\n"
+        "from dag_jax import hostmem\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        f"if {keep}: hostmem.keep_freed_host_memory()\n"
+        "n = 64 << 20\n"
+        "a = libc.malloc(n); ctypes.memset(a, 1, n); libc.free(a)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "b = libc.malloc(n); ctypes.memset(b, 2, n); libc.free(b)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    if not keep and _transparent_huge_pages_always():
+        pytest.skip("huge pages fault a fresh mapping in 2 MiB at a time")
+    faults = int(_child(code, None))
+    pages = (64 << 20) // 4096
+    if keep:
+        assert faults < pages // 20
+    else:
+        assert faults > pages // 2  # glibc's default: the block is mapped afresh
