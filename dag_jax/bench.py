@@ -92,7 +92,7 @@ from dag_jax import hostmem, tiny
 from dag_jax.bench_reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
-from dag_jax.models.layers import ATTENTION_IMPLS
+from dag_jax.models.attention import ATTENTION_IMPLS
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.pipeline import unet_shapes
 from dag_jax.weights.convert import torch_to_linen

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dag_jax.models.attention import dot_product_attention
+
 Dtype = jnp.dtype
 
 
@@ -166,56 +168,6 @@ class Upsample2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
-
-
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    heads: int,
-    upcast: bool = True,
-    impl: str = "xla",
-) -> jax.Array:
-    """Return softmax(q kᵀ/√d) v over heads for (B, Lq, H·D), (B, Lk, H·D) inputs.
-
-    ``impl`` chooses the formulation (same math, numerics within rounding):
-
-    - ``"xla"``: explicit batched matmuls; scores are formed in fp32 when ``upcast``
-      (diffusers' ``upcast_attention``) and the softmax always runs in fp32; the result has
-      v's dtype.
-    - ``"jax"``: ``jax.nn.dot_product_attention`` letting XLA pick (softmax in fp32).
-    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused flash
-      kernel on NVIDIA GPUs (bf16/fp16 compute only; scores never materialise in memory).
-    """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    b, lq, inner = q.shape
-    d = inner // heads
-    q = q.reshape(b, lq, heads, d)
-    k = k.reshape(b, k.shape[1], heads, d)
-    v = v.reshape(b, v.shape[1], heads, d)
-    if impl != "xla":
-        kind = None if impl == "jax" else "cudnn"
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), implementation=kind
-        )
-        return out.reshape(b, lq, inner)
-    # Heads lead and k is pre-transposed, so both products are plain batched (M, K)·(K, N)
-    # matmuls; the 1/√d scale goes on q (no full-size scale tensor) and the softmax's division
-    # comes after the product with v, on (…, Lq, D) instead of (…, Lq, Lk) entries. On
-    # XLA:CPU this is 4–5× faster than the einsum form (BENCHMARKS.md, "Where the CPU time goes").
-    q = q.transpose(0, 2, 1, 3)  # (B, H, Lq, D)
-    k = k.transpose(0, 2, 3, 1)  # (B, H, D, Lk)
-    v = v.transpose(0, 2, 1, 3)  # (B, H, Lk, D)
-    if upcast:
-        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = ((q * jnp.asarray(d**-0.5, q.dtype)) @ k).astype(jnp.float32)
-    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = (weights.astype(v.dtype) @ v) / weights.sum(axis=-1, keepdims=True)
-    return out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 class Attention(nn.Module):

@@ -210,7 +210,7 @@ class UNet2DConditionModel(nn.Module):
     ``remat`` wraps each down, mid and up block in ``nn.remat`` (gradient checkpointing).
     A ``lora`` variable collection (models/lora.py) adapts the attention projections, scaled
     by ``lora_scale`` (α/r). ``attention_impl`` picks the attention formulation
-    (``layers.dot_product_attention``: "xla", "jax" or "cudnn" for the fused GPU kernel).
+    (``attention.dot_product_attention``: "xla", "jax" or "cudnn" for the fused GPU kernel).
     """
 
     config: UNetConfig

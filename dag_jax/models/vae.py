@@ -18,12 +18,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dag_jax.models.attention import dot_product_attention
 from dag_jax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
     activation,
-    dot_product_attention,
     group_norm,
 )
 

@@ -1,0 +1,129 @@
+"""Scaled dot-product attention for the UNet, the VAE and the flow network.
+
+``dot_product_attention(q, k, v, heads, upcast, impl)`` on (B, L, H·D) projections. The
+default ``impl="xla"`` is written here for XLA. It has three parts, each measured in
+BENCHMARKS.md ("Where the CPU time goes"):
+
+- Head-major layout with k pre-transposed, so both products are plain batched
+  (M, K)·(K, N) matmuls. The softmax's division comes after the product with v, on
+  (…, Lq, D) entries instead of (…, Lq, Lk).
+- A custom VJP that keeps only q, k, v, the output and the row log-sum-exp. The backward
+  pass recomputes the probabilities. The (…, Lq, Lk) probability tensor is never stored
+  for the backward, as a flash kernel would do.
+- On a single CPU device, (batch · head) slices go through in blocks of at most
+  ``CPU_SCORE_BLOCK`` score entries (``lax.map``), so each block's scores stay in cache.
+  On GPU/TPU, and on multi-device meshes, the whole batch goes at once: there, blocking
+  would serialise kernels or split a sharded axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+CPU_SCORE_BLOCK = 2**18  # score entries (1 MiB of fp32) per block on a single CPU device
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    upcast: bool = True,
+    impl: str = "xla",
+) -> jax.Array:
+    """Return softmax(q kᵀ/√d) v over heads for (B, Lq, H·D), (B, Lk, H·D) inputs.
+
+    ``impl`` chooses the formulation (same math, numerics within rounding):
+
+    - ``"xla"``: the formulation above. Scores are formed in fp32 when ``upcast`` (diffusers'
+      ``upcast_attention``), and the softmax always runs in fp32. The result has v's dtype.
+    - ``"jax"``: ``jax.nn.dot_product_attention`` letting XLA pick (softmax in fp32).
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused flash
+      kernel on NVIDIA GPUs (bf16/fp16 compute only; scores never materialise in memory).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d)
+    k = k.reshape(b, lk, heads, d)
+    v = v.reshape(b, lk, heads, d)
+    if impl != "xla":
+        kind = None if impl == "jax" else "cudnn"
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), implementation=kind
+        )
+        return out.reshape(b, lq, inner)
+    if upcast:
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    q = q * jnp.asarray(d**-0.5, q.dtype)  # the scale on q: no full-size scale tensor
+    q = q.transpose(0, 2, 1, 3).reshape(b * heads, lq, d)
+    k = k.transpose(0, 2, 3, 1).reshape(b * heads, d, lk)
+    v = v.transpose(0, 2, 1, 3).reshape(b * heads, lk, d)
+    out = softmax_attention(q, k, v, score_block(b * heads, lq, lk))
+    return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def score_block(slices: int, lq: int, lk: int) -> int:
+    """Return how many (batch · head) slices to process at once (``slices`` = no blocking)."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return slices
+    return max(1, min(slices, CPU_SCORE_BLOCK // (lq * lk)))
+
+
+def _blockwise(fn, block: int, *arrays):
+    """Apply ``fn`` to ``block`` leading slices at a time (all at once when it covers all)."""
+    if block >= arrays[0].shape[0]:
+        return fn(*arrays)
+    return jax.lax.map(lambda xs: fn(*xs), arrays, batch_size=block)
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _forward(q, k, v):
+    """Return (softmax(q k) v, row log-sum-exp) for q (…, Lq, D), k (…, D, Lk), v (…, Lk, D)."""
+    scores = (q @ k).astype(jnp.float32)
+    top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = (weights.astype(v.dtype) @ v) / total
+    return out.astype(v.dtype), (top + jnp.log(total))[..., 0]
+
+
+def _backward(q, k, v, out, lse, d_out):
+    """Return (dq, dk, dv), recomputing the probabilities from the log-sum-exp.
+
+    Probabilities and score gradients are fp32; they are rounded to the operands' dtype
+    for the products, as the forward does for its product with v.
+    """
+    probs = jnp.exp((q @ k).astype(jnp.float32) - lse[..., None])  # (…, Lq, Lk)
+    dv = _t(probs).astype(d_out.dtype) @ d_out
+    d_probs = (d_out @ _t(v)).astype(jnp.float32)
+    delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - delta)).astype(q.dtype)
+    return d_scores @ _t(k), _t(q) @ d_scores, dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    """Return softmax(q k) v per slice: q (N, Lq, D) pre-scaled, k (N, D, Lk), v (N, Lk, D)."""
+    return _blockwise(_forward, block, q, k, v)[0]
+
+
+def _softmax_attention_fwd(q, k, v, block):
+    out, lse = _blockwise(_forward, block, q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _softmax_attention_bwd(block, residuals, d_out):
+    return _blockwise(_backward, block, *residuals, d_out)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
