@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dag_jax.models.layers import GroupNorm
+from dag_jax.models.layers import GroupNorm, Upsample2D
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,21 @@ def test_group_norm_computes_stats_in_fp32_and_returns_its_dtype():
 def test_group_norm_rejects_channels_that_do_not_split_into_groups():
     with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
         GroupNorm(num_groups=32).init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_subpixel_upsample_conv_is_upsample_then_conv(dtype, tol):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    up = Upsample2D(out_channels=8, dtype=dtype)
+    params = up.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape), params)
+    plain = nn.Conv(8, (3, 3), padding=1).apply(
+        {"params": params["params"]["conv"]}, jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    )
+    out = up.apply(params, x.astype(dtype))
+    assert out.shape == (2, 10, 14, 8) and out.dtype == dtype
+    scale = np.abs(np.asarray(plain)).max()
+    np.testing.assert_allclose(np.asarray(out, np.float32), plain, atol=tol * scale)
+    shapes = jax.tree.map(jnp.shape, params["params"])
+    assert shapes == {"conv": {"kernel": (3, 3, 6, 8), "bias": (8,)}}
