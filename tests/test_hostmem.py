@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import os
 import subprocess
 import sys
 
@@ -22,8 +23,6 @@ def _transparent_huge_pages_always() -> bool:
 
 
 def _child(code: str, env_value: str | None) -> str:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != hostmem.ENV_VAR}
     if env_value is not None:
         env[hostmem.ENV_VAR] = env_value
