@@ -67,6 +67,11 @@ on the same weights and trajectories. Metrics per impl, named ``ALGO/...``:
   step, same inputs), achieved_tflops, mfu (XLA's count of the step without remat, shared by
   both impls), speedup_vs_torch_ref and check_loss_rel_diff (dag_jax).
 See ``dag_jax/bench_train.py``.
+
+ops: the kernels of a tiny-model step alone at the shapes it runs them (3×3 convs of the UNet
+and VAE, the UNet's and the flow network's attention), dag_jax's formulation vs PyTorch's:
+fwd_ms, grad_ms (median of ``--repeats``) and check_max_rel_diff per op. See
+``dag_jax/bench_ops.py``.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import hostmem, tiny
+from dag_jax import hostmem, tiny, xla_cpu
 from dag_jax.bench_reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
@@ -205,6 +210,7 @@ def machine_info() -> dict:
         "jax_device_count": jax.device_count(),
         "jax_version": jax.__version__,
         "host_memory_kept": hostmem.is_applied(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -627,8 +633,16 @@ def bench_ascent(settings: Settings) -> list[dict]:
     return bench_ascent.bench_ascent(settings)
 
 
+def bench_ops(settings: Settings) -> list[dict]:
+    """Return per-op milliseconds, dag_jax vs PyTorch (``dag_jax.bench_ops``)."""
+    from dag_jax import bench_ops
+
+    return bench_ops.bench_ops(settings)
+
+
 BENCHES: dict[str, Callable[[Settings], list[dict]]] = {
     "ascent": bench_ascent,
+    "ops": bench_ops,
     "dbterms": bench_dbterms,
     "sampler": bench_sampler,
     "reward": bench_reward,
@@ -659,7 +673,7 @@ def run(what: str, settings: Settings) -> list[dict]:
     """Run bench ``what``, print its table, write ``settings.json`` if set; return the records."""
     if what not in BENCHES:
         raise ValueError(f"unknown benchmark {what!r}; known: {', '.join(sorted(BENCHES))}")
-    hostmem.tune_for_cpu()
+    xla_cpu.tune_for_cpu()
     records = BENCHES[what](settings)
     print(format_table(records))
     if settings.json:

@@ -64,7 +64,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dag_jax import diversity, hostmem, parallel, rewards, train
+from dag_jax import diversity, parallel, rewards, train, xla_cpu
 from dag_jax.checkpoint import Checkpointer
 from dag_jax.features import FeatureExtractor, default_feature_model, load_feature_extractor
 from dag_jax.metrics import image_grid, to_json_number
@@ -635,7 +635,7 @@ def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     f = flags.FLAGS
-    hostmem.tune_for_cpu()
+    xla_cpu.tune_for_cpu()
     try:
         result = evaluate(
             f.workdir,

@@ -9,8 +9,8 @@ about half of a tiny UNet forward (1.49 s → 0.70 s with the thresholds raised;
 from one run to the next. It makes no difference to results, only to speed and to how much
 resident memory the process keeps between runs.
 
-The entry points (train, sample, evaluate, bench, pretrain_tiny) call ``tune_for_cpu()`` once
-the backend is known. It only acts when JAX computes on the CPU, and
+The entry points (train, sample, evaluate, bench, pretrain_tiny) call ``tune_for_cpu()``
+through ``xla_cpu.tune_for_cpu()``. It only acts when JAX computes on the CPU, and
 ``DAG_JAX_KEEP_HOST_MEMORY=0`` turns it off.
 """
 

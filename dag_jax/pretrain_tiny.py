@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import hostmem
+from dag_jax import xla_cpu
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.tinyworld import bpe, models, pretrain, shapes
@@ -246,7 +246,7 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    hostmem.tune_for_cpu()
+    xla_cpu.tune_for_cpu()
     recipe = pretrain.Recipe(seed=f.seed).scaled(f.scale)
     log.info("recipe %s on %s", dataclasses.asdict(recipe), jax.devices()[0].platform)
     work, out = Path(f.workdir), Path(f.out)

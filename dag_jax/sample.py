@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import hostmem
+from dag_jax import xla_cpu
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.pipeline import Pipeline, load_pipeline
@@ -140,7 +140,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    hostmem.tune_for_cpu()
+    xla_cpu.tune_for_cpu()
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.model == "random-tiny":
         pipe = random_tiny_pipeline(FLAGS.seed)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dag_jax import hostmem, parallel, rewards
+from dag_jax import parallel, rewards, xla_cpu
 from dag_jax.algos import b2, dag, ddpo
 from dag_jax.algos.optim import GroupConfig, make_optimizer
 from dag_jax.algos.stats import PerPromptStatTracker
@@ -848,7 +848,7 @@ class _Preemption:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopState:
     """Run (or resume) the training run of ``config`` in ``workdir``; return the final state."""
     parallel.initialize_distributed()
-    hostmem.tune_for_cpu()
+    xla_cpu.tune_for_cpu()
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.size)
     workdir = Path(workdir)

@@ -10,10 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dag_jax import hostmem  # noqa: E402
+from dag_jax import hostmem, xla_cpu  # noqa: E402
 from tests import tiny_world  # noqa: E402
 
-# Tests compute on the CPU: reuse freed host memory between jitted runs, as the CLIs do.
+# Tests compute on the CPU with the CLIs' settings: XLA:CPU flags (set before any test creates
+# a backend; subprocesses inherit them) and freed host memory reused between jitted runs.
+xla_cpu.set_default_flags()
 hostmem.keep_freed_host_memory()
 
 

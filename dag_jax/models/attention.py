@@ -4,16 +4,22 @@
 default ``impl="xla"`` is written here for XLA. It has three parts, each measured in
 BENCHMARKS.md ("Where the CPU time goes"):
 
-- Head-major layout with k pre-transposed, so both products are plain batched
-  (M, K)·(K, N) matmuls. The softmax's division comes after the product with v, on
-  (…, Lq, D) entries instead of (…, Lq, Lk).
+- Head-major layout with k and v pre-transposed to (…, D, Lk). Every product of the
+  forward and backward passes is then a batched matmul whose (…, Lq, Lk) operand is not
+  transposed: XLA:CPU is several times slower at contracting that operand over its
+  leading axis (with v as (…, Lk, D), the gradient's Pᵀ·dO took 17 ms where dOᵀ·P takes
+  2 ms). The softmax's division comes after the product with v, on (…, Lq, D) entries
+  instead of (…, Lq, Lk).
 - A custom VJP that keeps only q, k, v, the output and the row log-sum-exp. The backward
   pass recomputes the probabilities. The (…, Lq, Lk) probability tensor is never stored
   for the backward, as a flash kernel would do.
 - On a single CPU device, (batch · head) slices go through in blocks of at most
-  ``CPU_SCORE_BLOCK`` score entries (``lax.map``), so each block's scores stay in cache.
-  On GPU/TPU, and on multi-device meshes, the whole batch goes at once: there, blocking
-  would serialise kernels or split a sharded axis.
+  ``CPU_SCORE_BLOCK`` score entries (``lax.map``), which bounds the live score memory of
+  the flow network's 1024-token attention and its gradient (a DAG-DB train step is 1.4×
+  slower without blocks). Blocks much smaller than that cost speed: the tiny sampler ran
+  1.2× slower with 2¹⁸ entries than with 2²² on the 2-core Intel box. On GPU/TPU, and on
+  multi-device meshes, the whole batch goes at once: there, blocking would serialise
+  kernels or split a sharded axis.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
-CPU_SCORE_BLOCK = 2**18  # score entries (1 MiB of fp32) per block on a single CPU device
+CPU_SCORE_BLOCK = 2**22  # score entries (16 MiB of fp32) per block on a single CPU device
 
 
 def dot_product_attention(
@@ -64,7 +70,7 @@ def dot_product_attention(
     q = q * jnp.asarray(d**-0.5, q.dtype)  # the scale on q: no full-size scale tensor
     q = q.transpose(0, 2, 1, 3).reshape(b * heads, lq, d)
     k = k.transpose(0, 2, 3, 1).reshape(b * heads, d, lk)
-    v = v.transpose(0, 2, 1, 3).reshape(b * heads, lk, d)
+    v = v.transpose(0, 2, 3, 1).reshape(b * heads, d, lk)
     out = softmax_attention(q, k, v, score_block(b * heads, lq, lk))
     return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
@@ -88,12 +94,12 @@ def _t(x: jax.Array) -> jax.Array:
 
 
 def _forward(q, k, v):
-    """Return (softmax(q k) v, row log-sum-exp) for q (…, Lq, D), k (…, D, Lk), v (…, Lk, D)."""
+    """Return (softmax(q k) vᵀ, row log-sum-exp) for q (…, Lq, D), k and v (…, D, Lk)."""
     scores = (q @ k).astype(jnp.float32)
     top = scores.max(axis=-1, keepdims=True)  # the custom VJP never differentiates this
     weights = jnp.exp(scores - top)
     total = weights.sum(axis=-1, keepdims=True)
-    out = (weights.astype(v.dtype) @ v) / total
+    out = (weights.astype(v.dtype) @ _t(v)) / total
     return out.astype(v.dtype), (top + jnp.log(total))[..., 0]
 
 
@@ -104,8 +110,8 @@ def _backward(q, k, v, out, lse, d_out):
     for the products, as the forward does for its product with v.
     """
     probs = jnp.exp((q @ k).astype(jnp.float32) - lse[..., None])  # (…, Lq, Lk)
-    dv = _t(probs).astype(d_out.dtype) @ d_out
-    d_probs = (d_out @ _t(v)).astype(jnp.float32)
+    dv = _t(d_out) @ probs.astype(d_out.dtype)  # (…, D, Lk), v's layout
+    d_probs = (d_out @ v).astype(jnp.float32)
     delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - delta)).astype(q.dtype)
     return d_scores @ _t(k), _t(q) @ d_scores, dv.astype(v.dtype)
@@ -113,7 +119,7 @@ def _backward(q, k, v, out, lse, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    """Return softmax(q k) v per slice: q (N, Lq, D) pre-scaled, k (N, D, Lk), v (N, Lk, D)."""
+    """Return softmax(q k) vᵀ per slice: q (N, Lq, D) pre-scaled, k and v (N, D, Lk)."""
     return _blockwise(_forward, block, q, k, v)[0]
 
 

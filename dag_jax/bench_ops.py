@@ -1,0 +1,214 @@
+"""Per-op benchmark: ``python -m dag_jax.bench ops`` (see ``dag_jax/bench.py``).
+
+The kernels a tiny-model step is made of, at the shapes it runs them, timed alone: dag_jax's
+formulation (``lax.conv_general_dilated`` as ``nn.Conv`` calls it, ``attention.
+dot_product_attention``) against PyTorch's (``F.conv2d`` on oneDNN, ``F.scaled_dot_product_
+attention``) on the same inputs. This is where a difference in a whole step comes from, so
+the per-op table in BENCHMARKS.md is reproducible:
+
+    python -m dag_jax.bench ops --repeats=10
+    DAG_JAX_XLA_CPU_FLAGS=0 python -m dag_jax.bench ops --repeats=10   # XLA's default convs
+
+Records per op (``config["op"]``, ``config["shape"]``) and impl:
+  OP/fwd_ms    median wall milliseconds of the forward
+  OP/grad_ms   median of forward + backward to all inputs (conv: x and the kernel; attention:
+               q, k, v), from a fixed random output cotangent
+  OP/check_max_rel_diff   (dag_jax) max |y_jax − y_torch| / max |y_torch| of the forward
+Conv shapes are (N, H, W, C_in → C_out) with a 3×3 kernel, stride 1, padding 1; attention
+shapes are (B, L_q, L_k, heads, head dim). fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from dag_jax.models.attention import dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A 3×3, stride-1, padding-1 convolution of an (N, H, W, C_in) input to C_out channels."""
+
+    n: int
+    h: int
+    w: int
+    c_in: int
+    c_out: int
+    where: str
+
+    @property
+    def name(self) -> str:
+        return f"conv3x3_{self.n}x{self.h}x{self.w}x{self.c_in}to{self.c_out}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """Softmax attention of (B, L_q, H·D) queries over (B, L_k, H·D) keys and values."""
+
+    b: int
+    lq: int
+    lk: int
+    heads: int
+    d: int
+    where: str
+
+    @property
+    def name(self) -> str:
+        return f"attention_{self.b}x{self.lq}x{self.lk}x{self.heads}h{self.d}"
+
+
+# The tiny model's shapes (B = 8 trajectories: 16 UNet rows with CFG; VAE decode of 8 images).
+OPS = (
+    Conv(16, 32, 32, 32, 32, "UNet level 0 resnet"),
+    Conv(16, 32, 32, 96, 32, "UNet up-block 1 (skip concat)"),
+    Conv(16, 32, 32, 64, 64, "UNet level 0→1 width"),
+    Conv(16, 16, 16, 64, 64, "UNet level 1 resnet"),
+    Conv(8, 128, 128, 32, 32, "VAE decoder, 128 px"),
+    Conv(8, 256, 256, 32, 32, "VAE decoder, 256 px"),
+    Attention(16, 256, 256, 8, 8, "UNet self-attention"),
+    Attention(16, 256, 77, 8, 8, "UNet cross-attention"),
+    Attention(32, 1024, 1024, 4, 8, "flow network self-attention"),
+)
+
+
+def op_inputs(op, seed: int) -> tuple[np.ndarray, ...]:
+    """Return fp32 NumPy inputs of ``op`` (channels-last for convs) and an output cotangent."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    if isinstance(op, Conv):
+        x = f32(op.n, op.h, op.w, op.c_in)
+        k = f32(3, 3, op.c_in, op.c_out) * np.float32((9 * op.c_in) ** -0.5)
+        return x, k, f32(op.n, op.h, op.w, op.c_out)
+    inner = op.heads * op.d
+    q, k, v = f32(op.b, op.lq, inner), f32(op.b, op.lk, inner), f32(op.b, op.lk, inner)
+    return q, k, v, f32(op.b, op.lq, inner)
+
+
+def jax_fns(op):
+    """Return (forward, forward + backward) of dag_jax's formulation of ``op``, jitted."""
+    if isinstance(op, Conv):
+
+        def fwd(x, k):
+            dims = ("NHWC", "HWIO", "NHWC")
+            return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), None, None, dims)
+
+    else:
+
+        def fwd(q, k, v):
+            return dot_product_attention(q, k, v, op.heads)
+
+    def grad(*args):
+        *inputs, cotangent = args
+        out, vjp = jax.vjp(fwd, *inputs)
+        return out, vjp(cotangent)
+
+    return jax.jit(fwd), jax.jit(grad)
+
+
+def torch_fns(op, arrays):
+    """Return (forward, forward + backward, output as NumPy) of PyTorch's ``op`` on ``arrays``."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(op, Conv):
+        x, k, dy = arrays
+        tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        tk = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
+        tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
+        inputs = [tx, tk]
+        fn = lambda a, b: F.conv2d(a, b, padding=1)
+        to_nhwc = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
+    else:
+        q, k, v, dy = arrays
+        split = lambda a: torch.from_numpy(a).view(a.shape[0], a.shape[1], op.heads, op.d)
+        inputs = [split(a).transpose(1, 2).contiguous() for a in (q, k, v)]
+        tdy = split(dy).transpose(1, 2).contiguous()
+        fn = F.scaled_dot_product_attention
+        to_nhwc = lambda y: y.detach().transpose(1, 2).reshape(op.b, op.lq, -1).numpy()
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+
+    def grad():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).backward(tdy)
+        return [t.grad for t in leaves]
+
+    return fwd, grad, to_nhwc(fwd())
+
+
+def median_ms(fn, repeats: int, warmup: int) -> float:
+    """Return the median wall milliseconds of ``fn()`` (which blocks) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def op_records(op, settings, impls, base: dict) -> list[dict]:
+    """Return the records of one op for each impl (and their agreement)."""
+    from dag_jax import bench
+
+    arrays = op_inputs(op, settings.seed)
+    cfg = dict(base, op=op.name, shape=dataclasses.astuple(op)[:-1], where=op.where)
+    warmup = max(settings.warmup, 1)
+
+    def rec(impl, metric, value, unit):
+        return bench.record("ops", impl, f"{op.name}/{metric}", value, unit, cfg)
+
+    def timed(impl, fwd, grad):
+        return [
+            rec(impl, "fwd_ms", median_ms(fwd, settings.repeats, warmup), "ms"),
+            rec(impl, "grad_ms", median_ms(grad, settings.repeats, warmup), "ms"),
+        ]
+
+    records, out_jax = [], None
+    if "dag_jax" in impls:
+        fwd, grad = jax_fns(op)
+        device = jax.device_put(arrays)
+        out_jax = np.asarray(fwd(*device[:-1]))
+        records += timed(
+            "dag_jax",
+            lambda: jax.block_until_ready(fwd(*device[:-1])),
+            lambda: jax.block_until_ready(grad(*device)),
+        )
+    if "torch_ref" in impls:
+        fwd_t, grad_t, out_torch = torch_fns(op, arrays)
+        records += timed("torch_ref", fwd_t, grad_t)
+        if out_jax is not None:
+            diff = np.abs(out_jax - out_torch).max() / max(np.abs(out_torch).max(), 1e-30)
+            records.append(rec("dag_jax", "check_max_rel_diff", float(diff), "rel"))
+    return records
+
+
+def bench_ops(settings, ops=OPS) -> list[dict]:
+    """Return fwd/grad milliseconds of each op, dag_jax vs PyTorch (when installed)."""
+    from dag_jax import bench
+
+    impls = settings.impls()
+    missing = bench.torch_missing() if "torch_ref" in impls else None
+    if missing:
+        print(f"[bench] {missing}: skipping the PyTorch reference")
+        impls = tuple(i for i in impls if i != "torch_ref")
+    if "torch_ref" in impls:
+        import torch
+
+        torch.set_num_threads(bench._cpu_count())
+    base = {**bench.machine_info(), "repeats": settings.repeats, "dtype": "float32"}
+    records = []
+    for op in ops:
+        records += op_records(op, settings, impls, base)
+        print(f"[bench] ops: {op.name} ({op.where}) done", flush=True)
+    return records
