@@ -1,10 +1,11 @@
 """XLA:CPU compiler flags that dag_jax sets for speed, before JAX creates its CPU backend.
 
-jaxlib 0.10 hands every convolution to YNNPACK ("ynn fusions"). On x86-64 these convs are
-1.4–2.1× slower than XLA's Eigen convolutions at the UNet's and VAE's shapes, and their filter
-gradients 3–4.4× slower. ``--xla_cpu_experimental_ynn_fusion_type=
--LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` takes convolutions out of YNNPACK and leaves its
-other fusions (dots, reductions) alone; taking dots out too was slower. The measurements are in
+jaxlib 0.10 hands every convolution to YNNPACK ("ynn fusions"). On x86-64, at the UNet's and
+VAE's shapes, these convs take 1.1–2.2× the time of XLA's Eigen convolutions forward and
+1.5–2.8× with their gradient (the filter gradient alone: 3–4×).
+``--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` takes
+convolutions out of YNNPACK and leaves its other fusions (dots, reductions) alone; taking dots
+out too was slower. The measurements are in
 BENCHMARKS.md, "Convolutions back to Eigen" (``python -m dag_jax.bench ops``).
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts the process on a

@@ -7,15 +7,16 @@ BENCHMARKS.md ("Where the CPU time goes"):
 - Head-major layout with k and v pre-transposed to (…, D, Lk). Every product of the
   forward and backward passes is then a batched matmul whose (…, Lq, Lk) operand is not
   transposed: XLA:CPU is several times slower at contracting that operand over its
-  leading axis (with v as (…, Lk, D), the gradient's Pᵀ·dO took 17 ms where dOᵀ·P takes
-  2 ms). The softmax's division comes after the product with v, on (…, Lq, D) entries
-  instead of (…, Lq, Lk).
+  leading axis. At the UNet's self-attention shapes, Pᵀ·dO (v as (…, Lk, D)) took 17 ms
+  alone where Qᵀ·dS, the same size, took 2 ms; the backward went from 52 to 40 ms.
+  The softmax's division comes after the product with v, on (…, Lq, D) entries instead
+  of (…, Lq, Lk).
 - A custom VJP that keeps only q, k, v, the output and the row log-sum-exp. The backward
   pass recomputes the probabilities. The (…, Lq, Lk) probability tensor is never stored
   for the backward, as a flash kernel would do.
 - On a single CPU device, (batch · head) slices go through in blocks of at most
   ``CPU_SCORE_BLOCK`` score entries (``lax.map``), which bounds the live score memory of
-  the flow network's 1024-token attention and its gradient (a DAG-DB train step is 1.4×
+  the flow network's 1024-token attention and its gradient (a DAG-DB train step is 1.3×
   slower without blocks). Blocks much smaller than that cost speed: the tiny sampler ran
   1.2× slower with 2¹⁸ entries than with 2²² on the 2-core Intel box. On GPU/TPU, and on
   multi-device meshes, the whole batch goes at once: there, blocking would serialise
