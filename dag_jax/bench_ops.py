@@ -21,7 +21,6 @@ shapes are (B, L_q, L_k, heads, head dim). fp32 throughout.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import numpy as np
@@ -121,14 +120,14 @@ def torch_fns(op, arrays):
         tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
         inputs = [tx, tk]
         fn = lambda a, b: F.conv2d(a, b, padding=1)
-        to_nhwc = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
+        to_jax_layout = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
     else:
         q, k, v, dy = arrays
         split = lambda a: torch.from_numpy(a).view(a.shape[0], a.shape[1], op.heads, op.d)
         inputs = [split(a).transpose(1, 2).contiguous() for a in (q, k, v)]
         tdy = split(dy).transpose(1, 2).contiguous()
         fn = F.scaled_dot_product_attention
-        to_nhwc = lambda y: y.detach().transpose(1, 2).reshape(op.b, op.lq, -1).numpy()
+        to_jax_layout = lambda y: y.detach().transpose(1, 2).reshape(op.b, op.lq, -1).numpy()
 
     def fwd():
         with torch.no_grad():
@@ -142,19 +141,14 @@ def torch_fns(op, arrays):
         fn(*leaves).backward(tdy)
         return [t.grad for t in leaves]
 
-    return fwd, grad, to_nhwc(fwd())
+    return fwd, grad, to_jax_layout(fwd())
 
 
 def median_ms(fn, repeats: int, warmup: int) -> float:
     """Return the median wall milliseconds of ``fn()`` (which blocks) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    from dag_jax import bench
+
+    return float(np.median(bench.timed_runs({"fn": fn}, repeats, warmup)["fn"]) * 1e3)
 
 
 def op_records(op, settings, impls, base: dict) -> list[dict]:

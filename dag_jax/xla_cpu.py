@@ -5,8 +5,8 @@ VAE's shapes, these convs take 1.1–2.2× the time of XLA's Eigen convolutions 
 1.5–2.8× with their gradient (the filter gradient alone: 3–4×).
 ``--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` takes
 convolutions out of YNNPACK and leaves its other fusions (dots, reductions) alone; taking dots
-out too was slower. The measurements are in
-BENCHMARKS.md, "Convolutions back to Eigen" (``python -m dag_jax.bench ops``).
+out too was slower. The measurements are in BENCHMARKS.md, "Convolutions back to Eigen"
+(``python -m dag_jax.bench ops``).
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts the process on a
 flag it does not know. So the flags are only added:
@@ -95,7 +95,7 @@ def set_default_flags() -> tuple[str, ...]:
 
 
 def applied() -> tuple[str, ...]:
-    """Return the flags this process added to ``XLA_FLAGS`` (benchmarks record them)."""
+    """Return the flags this process added to ``XLA_FLAGS`` (benches record the whole value)."""
     return _applied
 
 

@@ -2,7 +2,8 @@
 
 ``dot_product_attention(q, k, v, heads, upcast, impl)`` on (B, L, H·D) projections. The
 default ``impl="xla"`` is written here for XLA. It has three parts, each measured in
-BENCHMARKS.md ("Where the CPU time goes"):
+BENCHMARKS.md ("Where the CPU time goes"; "Convolutions back to Eigen, attention's v
+transposed"):
 
 - Head-major layout with k and v pre-transposed to (…, D, Lk). Every product of the
   forward and backward passes is then a batched matmul whose (…, Lq, Lk) operand is not
