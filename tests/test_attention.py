@@ -22,11 +22,13 @@ def _textbook_attention(q, k, v, heads):
 
 
 @pytest.mark.parametrize("lk", [9, 16])
-@pytest.mark.parametrize("block", [None, 3 * 16 * 16])
-def test_attention_matches_the_textbook_form_and_its_gradient(lk, block, monkeypatch):
-    if block is not None:  # blocks of 3 (batch · head) slices, the last one short
-        monkeypatch.setattr(attention, "CPU_SCORE_BLOCK", block * lk // 16)
+@pytest.mark.parametrize("blocks", [None, (3, 5)])
+def test_attention_matches_the_textbook_form_and_its_gradient(lk, blocks, monkeypatch):
+    if blocks is not None:  # the value in blocks of 3 slices, its gradient in 5; last short
+        monkeypatch.setattr(attention, "CPU_SCORE_BLOCK", blocks[0] * 16 * lk)
+        monkeypatch.setattr(attention, "CPU_GRAD_SCORE_BLOCK", blocks[1] * 16 * lk)
         assert attention.score_block(8, 16, lk) == 3
+        assert attention.score_block(8, 16, lk, attention.CPU_GRAD_SCORE_BLOCK) == 5
     rng = np.random.default_rng(2)
     heads, d = 4, 8
     q = jnp.asarray(rng.standard_normal((2, 16, heads * d)) * 3, jnp.float32)
@@ -68,6 +70,7 @@ def test_blocking_is_for_a_single_cpu_device_only(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert attention.score_block(64, 10, 10) == 10
     assert attention.score_block(64, 100, 100) == 1  # never below one slice
+    assert attention.score_block(64, 10, 10, entries=500) == 5
     monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded batch: no lax.map over it
     assert attention.score_block(64, 10, 10) == 64
     monkeypatch.setattr(jax, "device_count", lambda: 1)

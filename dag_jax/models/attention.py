@@ -15,13 +15,16 @@ transposed"):
 - A custom VJP that keeps only q, k, v, the output and the row log-sum-exp. The backward
   pass recomputes the probabilities. The (…, Lq, Lk) probability tensor is never stored
   for the backward, as a flash kernel would do.
-- On a single CPU device, (batch · head) slices go through in blocks of at most
-  ``CPU_SCORE_BLOCK`` score entries (``lax.map``), which bounds the live score memory of
-  the flow network's 1024-token attention and its gradient (a DAG-DB train step is 1.3×
-  slower without blocks). Blocks much smaller than that cost speed: the tiny sampler ran
-  1.2× slower with 2¹⁸ entries than with 2²² on the 2-core Intel box. On GPU/TPU, and on
-  multi-device meshes, the whole batch goes at once: there, blocking would serialise
-  kernels or split a sharded axis.
+- On a single CPU device, (batch · head) slices go through in blocks (``lax.map``) that
+  bound the live score memory, e.g. of the flow network's 1024-token attention and its
+  gradient. The best block differs between the forward-only program (the sampler,
+  forward-looking rewards), where XLA:CPU fuses a block's whole attention into one
+  YNNPACK call, and the custom VJP's forward and backward, where each block is several
+  passes over its scores: ``CPU_SCORE_BLOCK`` (2²² entries) is for the first,
+  ``CPU_GRAD_SCORE_BLOCK`` (2²⁰) for the second. On the 2-core AMD box the tiny sampler
+  ran 1.58 s at 2²² and 1.63 s at 2²⁰, while a DAG-DB gradient micro-step took 0.91 s at
+  2²⁰ and 1.06–1.19 s at 2²². On GPU/TPU, and on multi-device meshes, the whole batch
+  goes at once: there, blocking would serialise kernels or split a sharded axis.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
-CPU_SCORE_BLOCK = 2**22  # score entries (16 MiB of fp32) per block on a single CPU device
+CPU_SCORE_BLOCK = 2**22  # score entries (16 MiB of fp32) per forward-only block, single CPU
+CPU_GRAD_SCORE_BLOCK = 2**20  # score entries (4 MiB) per block under differentiation
 
 
 def dot_product_attention(
@@ -73,15 +77,24 @@ def dot_product_attention(
     q = q.transpose(0, 2, 1, 3).reshape(b * heads, lq, d)
     k = k.transpose(0, 2, 3, 1).reshape(b * heads, d, lk)
     v = v.transpose(0, 2, 3, 1).reshape(b * heads, d, lk)
-    out = softmax_attention(q, k, v, score_block(b * heads, lq, lk))
+    blocks = (
+        score_block(b * heads, lq, lk, CPU_SCORE_BLOCK),
+        score_block(b * heads, lq, lk, CPU_GRAD_SCORE_BLOCK),
+    )
+    out = softmax_attention(q, k, v, blocks)
     return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
-def score_block(slices: int, lq: int, lk: int) -> int:
-    """Return how many (batch · head) slices to process at once (``slices`` = no blocking)."""
+def score_block(slices: int, lq: int, lk: int, entries: int | None = None) -> int:
+    """Return how many (batch · head) slices to process at once (``slices`` = no blocking).
+
+    ``entries``: the score entries a block may hold on a single CPU device (default
+    ``CPU_SCORE_BLOCK``); never fewer than one slice.
+    """
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return slices
-    return max(1, min(slices, CPU_SCORE_BLOCK // (lq * lk)))
+    entries = CPU_SCORE_BLOCK if entries is None else entries
+    return max(1, min(slices, entries // (lq * lk)))
 
 
 def _blockwise(fn, block: int, *arrays):
@@ -120,18 +133,24 @@ def _backward(q, k, v, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    """Return softmax(q k) vᵀ per slice: q (N, Lq, D) pre-scaled, k and v (N, D, Lk)."""
-    return _blockwise(_forward, block, q, k, v)[0]
+def softmax_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, blocks: tuple[int, int]
+) -> jax.Array:
+    """Return softmax(q k) vᵀ per slice: q (N, Lq, D) pre-scaled, k and v (N, D, Lk).
+
+    ``blocks`` = (slices per block when only the value is computed, slices per block in
+    the forward and backward passes of its gradient).
+    """
+    return _blockwise(_forward, blocks[0], q, k, v)[0]
 
 
-def _softmax_attention_fwd(q, k, v, block):
-    out, lse = _blockwise(_forward, block, q, k, v)
+def _softmax_attention_fwd(q, k, v, blocks):
+    out, lse = _blockwise(_forward, blocks[1], q, k, v)
     return out, (q, k, v, out, lse)
 
 
-def _softmax_attention_bwd(block, residuals, d_out):
-    return _blockwise(_backward, block, *residuals, d_out)
+def _softmax_attention_bwd(blocks, residuals, d_out):
+    return _blockwise(_backward, blocks[1], *residuals, d_out)
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
