@@ -210,6 +210,7 @@ def machine_info() -> dict:
         "jax_device_count": jax.device_count(),
         "jax_version": jax.__version__,
         "host_memory_kept": hostmem.is_applied(),
+        "host_allocator": hostmem.allocator(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -2,9 +2,9 @@
 
 The kernels a tiny-model step is made of, at the shapes it runs them, timed alone: dag_jax's
 formulation (``lax.conv_general_dilated`` as ``nn.Conv`` calls it, ``attention.
-dot_product_attention``) against PyTorch's (``F.conv2d`` on oneDNN, ``F.scaled_dot_product_
-attention``) on the same inputs. This is where a difference in a whole step comes from, so
-the per-op table in BENCHMARKS.md is reproducible:
+dot_product_attention``, ``layers.GroupNorm``) against PyTorch's (``F.conv2d`` on oneDNN,
+``F.scaled_dot_product_attention``, ``F.group_norm``) on the same inputs. This is where a
+difference in a whole step comes from, so the per-op table in BENCHMARKS.md is reproducible:
 
     python -m dag_jax.bench ops --repeats=10
     DAG_JAX_XLA_CPU_FLAGS=0 python -m dag_jax.bench ops --repeats=10   # XLA's default convs
@@ -12,10 +12,10 @@ the per-op table in BENCHMARKS.md is reproducible:
 Records per op (``config["op"]``, ``config["shape"]``) and impl:
   OP/fwd_ms    median wall milliseconds of the forward
   OP/grad_ms   median of forward + backward to all inputs (conv: x and the kernel; attention:
-               q, k, v), from a fixed random output cotangent
+               q, k, v; group norm: x, scale, bias), from a fixed random output cotangent
   OP/check_max_rel_diff   (dag_jax) max |y_jax − y_torch| / max |y_torch| of the forward
 Conv shapes are (N, H, W, C_in → C_out) with a 3×3 kernel, stride 1, padding 1; attention
-shapes are (B, L_q, L_k, heads, head dim). fp32 throughout.
+shapes are (B, L_q, L_k, heads, head dim); group norms (N, H, W, C, groups). fp32 throughout.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from dag_jax.models.attention import dot_product_attention
+from dag_jax.models.layers import GroupNorm as LinenGroupNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,22 @@ class Attention:
         return f"attention_{self.b}x{self.lq}x{self.lk}x{self.heads}h{self.d}"
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupNorm:
+    """GroupNorm of an (N, H, W, C) input in ``groups`` groups, per-channel scale and bias."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    groups: int
+    where: str
+
+    @property
+    def name(self) -> str:
+        return f"groupnorm_{self.n}x{self.h}x{self.w}x{self.c}g{self.groups}"
+
+
 # The tiny model's shapes (B = 8 trajectories: 16 UNet rows with CFG; VAE decode of 8 images).
 OPS = (
     Conv(16, 32, 32, 32, 32, "UNet level 0 resnet"),
@@ -71,6 +88,9 @@ OPS = (
     Attention(16, 256, 256, 8, 8, "UNet self-attention"),
     Attention(16, 256, 77, 8, 8, "UNet cross-attention"),
     Attention(32, 1024, 1024, 4, 8, "flow network self-attention"),
+    GroupNorm(32, 32, 32, 32, 32, "UNet level 0 resnet (32 train rows)"),
+    GroupNorm(32, 32, 32, 96, 32, "UNet up-block 1 resnet, skip concat (32 train rows)"),
+    GroupNorm(32, 16, 16, 64, 32, "UNet level 1 resnet (32 train rows)"),
 )
 
 
@@ -82,6 +102,9 @@ def op_inputs(op, seed: int) -> tuple[np.ndarray, ...]:
         x = f32(op.n, op.h, op.w, op.c_in)
         k = f32(3, 3, op.c_in, op.c_out) * np.float32((9 * op.c_in) ** -0.5)
         return x, k, f32(op.n, op.h, op.w, op.c_out)
+    if isinstance(op, GroupNorm):
+        x = f32(op.n, op.h, op.w, op.c) * 2 + 1  # an offset, as activations have
+        return x, f32(op.c), f32(op.c), f32(op.n, op.h, op.w, op.c)
     inner = op.heads * op.d
     q, k, v = f32(op.b, op.lq, inner), f32(op.b, op.lk, inner), f32(op.b, op.lk, inner)
     return q, k, v, f32(op.b, op.lq, inner)
@@ -94,6 +117,12 @@ def jax_fns(op):
         def fwd(x, k):
             dims = ("NHWC", "HWIO", "NHWC")
             return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), None, None, dims)
+
+    elif isinstance(op, GroupNorm):
+        norm = LinenGroupNorm(num_groups=op.groups, epsilon=1e-5)
+
+        def fwd(x, scale, bias):
+            return norm.apply({"params": {"scale": scale, "bias": bias}}, x)
 
     else:
 
@@ -120,6 +149,13 @@ def torch_fns(op, arrays):
         tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
         inputs = [tx, tk]
         fn = lambda a, b: F.conv2d(a, b, padding=1)
+        to_jax_layout = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
+    elif isinstance(op, GroupNorm):
+        x, scale, bias, dy = arrays
+        tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
+        inputs = [tx, torch.from_numpy(scale), torch.from_numpy(bias)]
+        fn = lambda a, w, b: F.group_norm(a, op.groups, w, b, eps=1e-5)
         to_jax_layout = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
     else:
         q, k, v, dy = arrays

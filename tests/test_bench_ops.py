@@ -7,6 +7,7 @@ from dag_jax import bench, bench_ops
 SMALL = (
     bench_ops.Conv(2, 8, 8, 16, 8, "small conv"),
     bench_ops.Attention(2, 16, 7, 2, 4, "small cross-attention"),
+    bench_ops.GroupNorm(2, 4, 4, 12, 4, "small group norm"),
 )
 
 
@@ -15,7 +16,7 @@ def test_ops_bench_records_each_op_and_agrees_with_torch():
     settings = bench.Settings(repeats=2, warmup=1)
     records = bench_ops.bench_ops(settings, SMALL)
     by_metric = {(r["impl"], r["metric"]): r for r in records}
-    names = ("conv3x3_2x8x8x16to8", "attention_2x16x7x2h4")
+    names = ("conv3x3_2x8x8x16to8", "attention_2x16x7x2h4", "groupnorm_2x4x4x12g4")
     for name in names:
         for impl in bench.IMPLS:
             for metric in ("fwd_ms", "grad_ms"):

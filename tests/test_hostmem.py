@@ -72,3 +72,33 @@ def test_a_freed_large_block_is_reused_without_page_faults(keep):
         assert faults < pages // 20
     else:
         assert faults > pages // 2  # glibc's default: the block is mapped afresh
+
+
+def test_allocator_names_a_preloaded_malloc_or_glibc(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0-7f1 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7f2-7f3 rw-p 00000000 00:00 0 \n"
+    )
+    assert hostmem.allocator(str(maps)) == "glibc"
+    with maps.open("a") as f:
+        f.write("7f4-7f5 r-xp 00000000 08:01 2 /usr/lib/libtcmalloc_minimal.so.4.5.10\n")
+    assert hostmem.allocator(str(maps)) == "tcmalloc"
+    assert hostmem.allocator(str(tmp_path / "absent")) == "unknown"
+
+
+def test_allocator_sees_the_malloc_of_a_real_process():
+    code = "from dag_jax import hostmem\nprint(hostmem.allocator())\n"
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    assert _child(code, None) == (
+        "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    )
+    lib = ctypes.util.find_library("tcmalloc_minimal")
+    if lib is None:
+        pytest.skip("tcmalloc is not installed")
+    env = {**os.environ, "LD_PRELOAD": lib, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "tcmalloc"

@@ -7,12 +7,14 @@ modules (exact GELU in GEGLU, GroupNorm without fast variance, softmax in fp32).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dag_jax.models.attention import dot_product_attention
 
@@ -42,11 +44,7 @@ class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on NHWC (or (B, L, C)) input: two-pass statistics in fp32.
 
     Same parameters (``scale``, ``bias``) and numerics as ``flax.linen.GroupNorm`` with
-    ``use_fast_variance=False``, formulated for speed: the channels' sums over the spatial
-    axes come first (a reduction along the leading axes with channels contiguous), and
-    only those (B, C) sums are folded into groups. Flax's reshape to (…, groups, C/groups)
-    makes XLA:CPU reduce over strided axes, 3–9× slower at the UNet's shapes
-    (BENCHMARKS.md, "Where the CPU time goes").
+    ``use_fast_variance=False``, formulated for speed (``group_norm_nlc``).
     """
 
     num_groups: int = 32
@@ -60,18 +58,68 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        per_group = c // self.num_groups
         flat = x.reshape(x.shape[0], -1, c).astype(jnp.float32)
-        count = flat.shape[1] * per_group
-
-        def group_mean(channel_sums: jax.Array) -> jax.Array:
-            sums = channel_sums.reshape(-1, self.num_groups, per_group).sum(-1)
-            return jnp.repeat(sums / count, per_group, axis=-1)[:, None, :]
-
-        centred = flat - group_mean(flat.sum(axis=1))
-        var = group_mean(jnp.square(centred).sum(axis=1))
-        y = centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        y = group_norm_nlc(flat, scale, bias, self.num_groups, self.epsilon)
         return y.reshape(x.shape).astype(self.dtype)
+
+
+def _group_mean(channel_sums: jax.Array, groups: int, count: int) -> jax.Array:
+    """Return (B, C): each channel's group total of ``channel_sums`` (B, C), over ``count``.
+
+    Folded with two small one-hot products, (B, C)·(C, G) then (B, G)·(G, C), so the
+    result is a materialised (B, C) array: as a broadcast of (B, G), XLA:CPU fuses the
+    channel → group index division into every full-size elementwise pass (2× slower
+    GroupNorm at 96 channels). HIGHEST precision keeps TPU/GPU dots in full fp32.
+    """
+    c = channel_sums.shape[-1]
+    onehot = jnp.asarray(np.eye(groups, dtype=np.float32)[np.arange(c) // (c // groups)])
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    return dot(dot(channel_sums, onehot) / count, onehot.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_nlc(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float
+) -> jax.Array:
+    """Return GroupNorm of fp32 ``x`` (B, L, C) with per-channel ``scale`` and ``bias``.
+
+    Channel sums over L come first (a reduction along the leading axes with channels
+    contiguous), and only those (B, C) sums are folded into groups: Flax's reshape to
+    (…, groups, C/groups) makes XLA:CPU reduce over strided axes, 3–9× slower at the
+    UNet's shapes (BENCHMARKS.md, "Where the CPU time goes"). The custom VJP keeps x and
+    the (B, C) mean and 1/std, and its backward is two passes over x and the output
+    gradient (their channel sums, then dx), where autodiff of the forward made five.
+    """
+    return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+    count = x.shape[1] * (x.shape[-1] // groups)
+    mean = _group_mean(x.sum(1), groups, count)  # (B, C)
+    centred = x - mean[:, None, :]
+    rstd = jax.lax.rsqrt(_group_mean(jnp.square(centred).sum(1), groups, count) + eps)
+    y = centred * (rstd * scale)[:, None, :] + bias
+    return y, (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, residuals, dy):
+    x, scale, mean, rstd = residuals
+    count = x.shape[1] * (x.shape[-1] // groups)
+    centred = x - mean[:, None, :]
+    sum_dy = dy.sum(1)  # (B, C)
+    sum_dy_xhat = (dy * centred).sum(1) * rstd
+    # dx = rstd·(g − mean_group(g) − x̂·mean_group(g·x̂)) with g = dy·scale
+    mean_g = _group_mean(sum_dy * scale, groups, count)
+    mean_gx = _group_mean(sum_dy_xhat * scale, groups, count)
+    dx = (
+        dy * (rstd * scale)[:, None, :]
+        - (rstd * mean_g)[:, None, :]
+        - centred * (rstd * rstd * mean_gx)[:, None, :]
+    )
+    return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
+
+
+group_norm_nlc.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def group_norm(groups: int, eps: float, dtype: Dtype, name: str | None = None) -> GroupNorm:
