@@ -736,5 +736,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -64,7 +64,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dag_jax import diversity, parallel, rewards, train, xla_cpu
+from dag_jax import diversity, hostmem, parallel, rewards, train, xla_cpu
 from dag_jax.checkpoint import Checkpointer
 from dag_jax.features import FeatureExtractor, default_feature_model, load_feature_extractor
 from dag_jax.metrics import image_grid, to_json_number
@@ -663,5 +663,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -24,6 +24,14 @@ faults per run. ``MALLOC_ARENA_MAX=1`` removes the faults but serialises every a
 preloaded (``LD_PRELOAD=libtcmalloc_minimal.so.4``, Debian's ``libtcmalloc-minimal4``) the
 step ran in 0.68 s with no faults (BENCHMARKS.md). ``allocator()`` says which malloc this
 process runs on; ``tune_for_cpu`` logs the hint when it is glibc's.
+
+A malloc can only be replaced before the process starts. So the compute CLIs (train, sample,
+evaluate, bench, pretrain_tiny) call ``preload_tcmalloc()`` first thing under
+``if __name__ == "__main__"``: on a CPU-only JAX install (or ``JAX_PLATFORMS=cpu``), when the
+process runs on glibc's malloc and the dynamic loader can find tcmalloc, it re-executes the
+same command line with tcmalloc in ``LD_PRELOAD`` and says so on stderr. It never does this
+twice, nor from library calls, and ``DAG_JAX_PRELOAD_TCMALLOC=0`` turns it off. Where
+tcmalloc is not installed, nothing changes and the hint is logged.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
+from collections.abc import Mapping
+from importlib import metadata
 
 import jax
 
@@ -47,8 +58,17 @@ _applied = False
 ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 PRELOAD_HINT = (
     "host malloc is glibc's: XLA:CPU's large per-run buffers page-fault on every run; "
-    "preloading tcmalloc (LD_PRELOAD=libtcmalloc_minimal.so.4) avoids it (dag_jax/hostmem.py)"
+    "tcmalloc avoids it: install it (Debian: libtcmalloc-minimal4) and the CLIs preload it, "
+    "or run with LD_PRELOAD=libtcmalloc_minimal.so.4 (dag_jax/hostmem.py)"
 )
+PRELOAD_ENV = "DAG_JAX_PRELOAD_TCMALLOC"  # "0" keeps glibc's malloc
+PRELOADED_ENV = "DAG_JAX_PRELOADED"  # set on the re-executed process: never re-execute twice
+TCMALLOC_LIBS = ("tcmalloc_minimal", "tcmalloc")  # gperftools' libraries, preferred first
+# gperftools logs every allocation above 1 GiB by default; XLA:CPU's temporaries pass that
+LARGE_ALLOC_ENV = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+# distributions of JAX's accelerator plugins (PJRT for CUDA, ROCm, TPU, Metal)
+ACCELERATOR_DISTS = ("jax-cuda", "jax-rocm", "libtpu", "jax-metal", "jax-tpu")
+_OFF = ("0", "false", "no", "off")
 log = logging.getLogger(__name__)
 
 
@@ -104,10 +124,78 @@ def tune_for_cpu() -> bool:
     Returns whether the thresholds are now raised. This initialises JAX's backends, so call
     it after ``jax.distributed.initialize``.
     """
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(ENV_VAR, "1").strip().lower() in _OFF:
         return False
     if jax.default_backend() != "cpu":
         return False
     if allocator() == "glibc":
         log.info(PRELOAD_HINT)
     return keep_freed_host_memory()
+
+
+def find_tcmalloc() -> str | None:
+    """Return the name the dynamic loader knows tcmalloc by (for ``LD_PRELOAD``), or None."""
+    for name in TCMALLOC_LIBS:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def accelerator_plugins() -> list[str]:
+    """Return the installed distributions of JAX accelerator plugins (CUDA, ROCm, TPU, Metal)."""
+    names = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith(ACCELERATOR_DISTS):
+            names.add(name)
+    return sorted(names)
+
+
+def cpu_only(env: Mapping[str, str]) -> bool:
+    """Return whether JAX will compute on the CPU: by ``JAX_PLATFORMS``, else by the plugins."""
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not accelerator_plugins()
+
+
+def preload_env(
+    env: Mapping[str, str], *, malloc: str, library: str | None, cpu: bool
+) -> dict[str, str] | None:
+    """Return the environment to re-execute under tcmalloc with, or None to run as is.
+
+    ``malloc`` is this process's allocator (``allocator()``), ``library`` tcmalloc's name
+    (``find_tcmalloc()``) and ``cpu`` whether JAX computes on the CPU (``cpu_only``).
+    """
+    if env.get(PRELOAD_ENV, "1").strip().lower() in _OFF or env.get(PRELOADED_ENV):
+        return None
+    if malloc != "glibc" or library is None or not cpu:
+        return None
+    out = dict(env)
+    out["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "").strip()) if p)
+    out[PRELOADED_ENV] = library
+    out.setdefault(*LARGE_ALLOC_ENV)
+    return out
+
+
+def preload_tcmalloc(argv: list[str] | None = None) -> None:
+    """Re-execute this command under tcmalloc where that helps; otherwise return.
+
+    For the ``__main__`` blocks of the CLIs only, before anything else runs: it replaces the
+    process. ``argv`` defaults to the interpreter's original command line.
+    """
+    env = preload_env(
+        os.environ, malloc=allocator(), library=find_tcmalloc(), cpu=cpu_only(os.environ)
+    )
+    if env is None:
+        return
+    argv = list(sys.orig_argv if argv is None else argv)
+    print(
+        f"[dag_jax] re-running under tcmalloc ({env[PRELOADED_ENV]}): XLA:CPU's buffers stop "
+        f"page-faulting; {PRELOAD_ENV}=0 keeps glibc's malloc",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import xla_cpu
+from dag_jax import hostmem, xla_cpu
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.tinyworld import bpe, models, pretrain, shapes
@@ -272,5 +272,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import xla_cpu
+from dag_jax import hostmem, xla_cpu
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.pipeline import Pipeline, load_pipeline
@@ -171,5 +171,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dag_jax import parallel, rewards, xla_cpu
+from dag_jax import hostmem, parallel, rewards, xla_cpu
 from dag_jax.algos import b2, dag, ddpo
 from dag_jax.algos.optim import GroupConfig, make_optimizer
 from dag_jax.algos.stats import PerPromptStatTracker
@@ -986,5 +986,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -8,6 +8,13 @@ convolutions out of YNNPACK and leaves its other fusions (dots, reductions) alon
 out too was slower. The measurements are in BENCHMARKS.md, "Convolutions back to Eigen"
 (``python -m dag_jax.bench ops``).
 
+On AMD CPUs with AVX-512 (Zen 4 and 5 run 512-bit vectors at full clock),
+``--xla_cpu_prefer_vector_width=512`` lets XLA's own loops (the softmax's exponentials,
+norms, activations) use the full vector width instead of XLA's 256-bit default; on a Zen 5
+box the tiny DAG-DB gradient micro-step went 0.66 → 0.62 s (BENCHMARKS.md, "512-bit
+vectors"). Intel CPUs keep the default, which guards against AVX-512 down-clocking and was
+not measured here.
+
 XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts the process on a
 flag it does not know. So the flags are only added:
 
@@ -16,8 +23,8 @@ flag it does not know. So the flags are only added:
 - when ``XLA_FLAGS`` does not name the flag already (the user's value wins);
 - unless ``DAG_JAX_XLA_CPU_FLAGS=0``.
 
-They only change how XLA:CPU computes a convolution, not its result beyond fp32 rounding, and
-do nothing on GPU or TPU backends.
+They only change how XLA:CPU computes (which library runs a convolution, how wide its
+vectors are), not the results beyond fp32 rounding, and do nothing on GPU or TPU backends.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "DAG_JAX_XLA_CPU_FLAGS"
 # (flag name, value) pairs, in the order they are appended to XLA_FLAGS.
 FLAGS = (("xla_cpu_experimental_ynn_fusion_type", "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),)
+# added on top of FLAGS where ``wide_vectors()`` holds
+WIDE_VECTOR_FLAGS = (("xla_cpu_prefer_vector_width", "512"),)
 TESTED_JAXLIB = ((0, 10), (0, 11))  # [first, past-the-end) major.minor measured with FLAGS
 X86_64 = ("x86_64", "amd64")
 
@@ -68,10 +77,30 @@ def backends_initialized() -> bool:
     return bool(probe()) if probe is not None else bool(getattr(xla_bridge, "_backends", {}))
 
 
-def with_flags(xla_flags: str) -> tuple[str, list[str]]:
-    """Return (``xla_flags`` with each of ``FLAGS`` it does not name appended, those added)."""
+def wide_vectors(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Return whether the CPU is an AMD one with AVX-512 (Linux; False where unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    fields = {}
+    for line in head.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vendor, cpu_flags = fields.get("vendor_id", ""), fields.get("flags", "").split()
+    return vendor == "AuthenticAMD" and "avx512f" in cpu_flags
+
+
+def machine_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[tuple[str, str], ...]:
+    """Return the (name, value) flags for this machine: ``FLAGS``, plus the wide-vector one."""
+    return FLAGS + (WIDE_VECTOR_FLAGS if wide_vectors(cpuinfo) else ())
+
+
+def with_flags(xla_flags: str, flags=FLAGS) -> tuple[str, list[str]]:
+    """Return (``xla_flags`` with each of ``flags`` it does not name appended, those added)."""
     named = {word.lstrip("-").split("=", 1)[0] for word in xla_flags.split()}
-    added = [f"--{name}={value}" for name, value in FLAGS if name not in named]
+    added = [f"--{name}={value}" for name, value in flags if name not in named]
     return " ".join([xla_flags.strip(), *added]).strip(), added
 
 
@@ -87,7 +116,7 @@ def set_default_flags() -> tuple[str, ...]:
     if backends_initialized():
         log.info("XLA:CPU flags not set: JAX's backends exist already (call tune_for_cpu first)")
         return ()
-    value, added = with_flags(os.environ.get("XLA_FLAGS", ""))
+    value, added = with_flags(os.environ.get("XLA_FLAGS", ""), machine_flags())
     if added:
         os.environ["XLA_FLAGS"] = value
     _applied = tuple(added)

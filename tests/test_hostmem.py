@@ -102,3 +102,74 @@ def test_allocator_sees_the_malloc_of_a_real_process():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "tcmalloc"
+
+
+GLIBC_CPU = dict(malloc="glibc", library="libtcmalloc_minimal.so.4", cpu=True)
+
+
+def test_preload_env_adds_tcmalloc_once_and_only_where_it_helps():
+    env = hostmem.preload_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"}, **GLIBC_CPU)
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so"  # the user's stay after
+    assert env[hostmem.PRELOADED_ENV] == "libtcmalloc_minimal.so.4"
+    assert env["PATH"] == "/bin"
+    assert env[hostmem.LARGE_ALLOC_ENV[0]] == hostmem.LARGE_ALLOC_ENV[1]
+    # the re-executed process (even where the preload did not take) never goes round again
+    assert hostmem.preload_env(env, **GLIBC_CPU) is None
+    assert hostmem.preload_env({hostmem.PRELOAD_ENV: "0"}, **GLIBC_CPU) is None
+    assert hostmem.preload_env({}, **{**GLIBC_CPU, "malloc": "jemalloc"}) is None
+    assert hostmem.preload_env({}, **{**GLIBC_CPU, "library": None}) is None
+    assert hostmem.preload_env({}, **{**GLIBC_CPU, "cpu": False}) is None
+    user = {hostmem.LARGE_ALLOC_ENV[0]: "123"}
+    assert hostmem.preload_env(user, **GLIBC_CPU)[hostmem.LARGE_ALLOC_ENV[0]] == "123"
+
+
+def test_cpu_only_follows_jax_platforms_then_the_installed_plugins(monkeypatch):
+    assert hostmem.cpu_only({"JAX_PLATFORMS": "cpu"})
+    assert hostmem.cpu_only({"JAX_PLATFORMS": " CPU ,cuda"})
+    assert not hostmem.cpu_only({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not hostmem.cpu_only({"JAX_PLATFORMS": "tpu"})
+    monkeypatch.setattr(hostmem, "accelerator_plugins", lambda: ["jax-cuda12-plugin"])
+    assert not hostmem.cpu_only({})
+    monkeypatch.setattr(hostmem, "accelerator_plugins", lambda: [])
+    assert hostmem.cpu_only({"JAX_PLATFORMS": ""})
+
+
+def test_accelerator_plugins_lists_only_accelerator_distributions():
+    plugins = hostmem.accelerator_plugins()
+    assert all(p.startswith(hostmem.ACCELERATOR_DISTS) for p in plugins)
+    assert "jax" not in plugins and "jaxlib" not in plugins
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_preload_tcmalloc_re_executes_the_command_once_under_the_library():
+    # A real re-execution, with libm standing in for tcmalloc (any library the loader finds
+    # does; tcmalloc itself need not be installed): the child runs the same command line
+    # again, with the library preloaded and the marker set, and does not go round again.
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to preload")
+    code = (
+        "import os, sys\n"
+        "from dag_jax import hostmem\n"
+        f"hostmem.find_tcmalloc = lambda: {libm!r}\n"
+        "print('run', os.environ.get(hostmem.PRELOADED_ENV, '-'), sys.argv[1:], flush=True)\n"
+        "hostmem.preload_tcmalloc()\n"
+        "print('done', os.environ.get('LD_PRELOAD', '-'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", hostmem.PRELOADED_ENV)}
+    env.update(JAX_PLATFORMS="cpu", **{hostmem.PRELOAD_ENV: "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--flag=1"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "run - ['--flag=1']",
+        f"run {libm} ['--flag=1']",
+        f"done {libm}",
+    ]
+    assert "re-running under tcmalloc" in done.stderr
+    env[hostmem.PRELOAD_ENV] = "0"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--flag=1"], env=env, capture_output=True, text=True
+    )
+    assert done.stdout.splitlines() == ["run - ['--flag=1']", "done -"]

@@ -16,6 +16,7 @@ from dag_jax import xla_cpu
 FLAG = "--{}={}".format(*xla_cpu.FLAGS[0])
 NAME = xla_cpu.FLAGS[0][0]
 APPLICABLE = xla_cpu.applicable()
+MACHINE = ["--{}={}".format(*flag) for flag in xla_cpu.machine_flags()]  # what this box gets
 
 # In a fresh process: set the flags (or not), then compile and run a 3x3 conv (large enough
 # for XLA to hand it to YNNPACK by default); print whether
@@ -87,8 +88,8 @@ def test_flags_move_convolutions_out_of_ynnpack_without_changing_results():
     tuned = _child()
     assert default["added"] == [] and default["xla_flags"] == ""
     assert default["ynn_conv"], "jaxlib no longer puts convs in YNNPACK: re-measure the flags"
-    assert tuned["added"] == tuned["again"] == tuned["applied"] == [FLAG]
-    assert tuned["xla_flags"] == FLAG
+    assert tuned["added"] == tuned["again"] == tuned["applied"] == MACHINE
+    assert tuned["xla_flags"] == " ".join(MACHINE)
     assert not tuned["ynn_conv"]
     np.testing.assert_allclose(tuned["out"], default["out"], rtol=1e-5, atol=1e-5)
 
@@ -99,4 +100,27 @@ def test_flags_are_not_added_once_backends_exist_or_when_the_user_sets_them():
     assert late["added"] == [] and late["xla_flags"] == "" and late["ynn_conv"]
     user = f"--{NAME}=-LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     theirs = _child(xla_flags=user)
-    assert theirs["added"] == [] and theirs["xla_flags"] == user and theirs["ynn_conv"]
+    assert theirs["added"] == MACHINE[1:]
+    assert theirs["xla_flags"] == " ".join([user, *MACHINE[1:]]) and theirs["ynn_conv"]
+
+
+AMD_ZEN5 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\n"
+)
+INTEL_AVX512 = AMD_ZEN5.replace("AuthenticAMD", "GenuineIntel")
+AMD_AVX2 = AMD_ZEN5.replace(" avx512f avx512bw", "")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "wide"), [(AMD_ZEN5, True), (INTEL_AVX512, False), (AMD_AVX2, False), (None, False)]
+)
+def test_wide_vectors_only_on_amd_with_avx512(tmp_path, cpuinfo, wide):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert xla_cpu.wide_vectors(str(path)) is wide
+    flags = xla_cpu.machine_flags(str(path))
+    assert flags == xla_cpu.FLAGS + (xla_cpu.WIDE_VECTOR_FLAGS if wide else ())
+    value, added = xla_cpu.with_flags("--xla_cpu_prefer_vector_width=256", flags)
+    assert "--xla_cpu_prefer_vector_width=512" not in value  # the user's width wins
