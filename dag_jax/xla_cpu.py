@@ -11,9 +11,9 @@ out too was slower. The measurements are in BENCHMARKS.md, "Convolutions back to
 On AMD CPUs with AVX-512 (Zen 4 and 5 run 512-bit vectors at full clock),
 ``--xla_cpu_prefer_vector_width=512`` lets XLA's own loops (the softmax's exponentials,
 norms, activations) use the full vector width instead of XLA's 256-bit default; on a Zen 5
-box the tiny DAG-DB gradient micro-step went 0.66 → 0.62 s (BENCHMARKS.md, "512-bit
-vectors"). Intel CPUs keep the default, which guards against AVX-512 down-clocking and was
-not measured here.
+box the tiny DAG-DB gradient micro-step went 0.66 → 0.62 s (BENCHMARKS.md, "tcmalloc by
+default, 512-bit vectors on AMD"). Intel CPUs keep the default, which guards against
+AVX-512 down-clocking and was not measured here.
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts the process on a
 flag it does not know. So the flags are only added:
