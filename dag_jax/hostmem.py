@@ -72,6 +72,12 @@ _OFF = ("0", "false", "no", "off")
 log = logging.getLogger(__name__)
 
 
+def switched_off(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Return whether the opt-out variable ``name`` says off (0/false/no/off); unset is on."""
+    env = os.environ if env is None else env
+    return env.get(name, "1").strip().lower() in _OFF
+
+
 def keep_freed_host_memory() -> bool:
     """Raise glibc's mmap/trim thresholds for this process; return whether they were set.
 
@@ -124,7 +130,7 @@ def tune_for_cpu() -> bool:
     Returns whether the thresholds are now raised. This initialises JAX's backends, so call
     it after ``jax.distributed.initialize``.
     """
-    if os.environ.get(ENV_VAR, "1").strip().lower() in _OFF:
+    if switched_off(ENV_VAR):
         return False
     if jax.default_backend() != "cpu":
         return False
@@ -168,7 +174,7 @@ def preload_env(
     ``malloc`` is this process's allocator (``allocator()``), ``library`` tcmalloc's name
     (``find_tcmalloc()``) and ``cpu`` whether JAX computes on the CPU (``cpu_only``).
     """
-    if env.get(PRELOAD_ENV, "1").strip().lower() in _OFF or env.get(PRELOADED_ENV):
+    if switched_off(PRELOAD_ENV, env) or env.get(PRELOADED_ENV):
         return None
     if malloc != "glibc" or library is None or not cpu:
         return None

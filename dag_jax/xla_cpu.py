@@ -66,7 +66,7 @@ def applicable(version: tuple[int, int] | None = None, machine: str | None = Non
 
 def opted_out() -> bool:
     """Return whether ``DAG_JAX_XLA_CPU_FLAGS`` turns the flags off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
+    return hostmem.switched_off(ENV_VAR)
 
 
 def backends_initialized() -> bool:
