@@ -94,6 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
     # released). The 2-D proof needed it: DB against an untrained flow moves the policy the
     # wrong way (issue 4's toy, BENCHMARKS.md).
     c.dag.flow_warmup_epochs = 0
+    # F̃_φ of each state once per update window (forward at its start, one VJP over the
+    # window's states at its end) instead of on [x_t; x_s] with the gradient in every
+    # micro-batch: the same gradient, half the flow evaluations that need a backward pass.
+    # Used where states chain exactly (DDIM "leading" spacing; transitions.states_are_shared).
+    c.dag.flow_once_per_state = True
 
     c.ddpo = ml_collections.ConfigDict()
     c.ddpo.clip_range = 1e-4

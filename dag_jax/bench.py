@@ -148,6 +148,7 @@ class Settings:
     lrs: str = "1e-3,3e-3,1e-2"  # ascent bench: Adam first-step sizes of the line search
     micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
     fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
+    flow_once_per_state: bool = True  # memory/train benches: dag.flow_once_per_state
     json: str | None = None
 
     def impls(self) -> tuple[str, ...]:
@@ -724,6 +725,12 @@ def define_flags() -> None:
         "micro_batch", 0, "memory/train: transitions per train step (0: memory 64, train 16)"
     )
     flags.DEFINE_string("fsdp", "1,2,4,8", "memory: fsdp sizes of the (data, fsdp) mesh")
+    flags.DEFINE_bool(
+        "flow_once_per_state",
+        True,
+        "memory/train: DAG's F̃ once per state per window (false: on [x_t; x_s] in every "
+        "micro-batch, as released)",
+    )
     flags.DEFINE_string("json", None, "write the records to this JSON file")
 
 

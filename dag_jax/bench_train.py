@@ -113,6 +113,7 @@ def train_config(settings, algo: str, fsdp: int = 1, *, released: bool = False):
     default_mb = c.train.micro_batch if released else DEFAULT_TRAIN_MICRO_BATCH
     c.train.micro_batch = settings.micro_batch or default_mb
     c.dag.baseline_group = math.gcd(c.dag.baseline_group, c.train.micro_batch)
+    c.dag.flow_once_per_state = settings.flow_once_per_state
     c.mesh.data, c.mesh.fsdp = -1, fsdp
     if settings.model == "tiny":
         c.flow.block_out_channels = TINY_FLOW["block_out_channels"]
@@ -208,10 +209,42 @@ class AbstractStep:
     frozen: dict
     batch: Transitions
 
+    config: object = None
+
+    @property
+    def per_state(self) -> bool:
+        """Return whether the config computes DAG's F̃ once per state (``train``'s rule)."""
+        c = self.config
+        return bool(c.algo.startswith("dag") and c.dag.flow_once_per_state)
+
     def grad_step_args(self) -> tuple:
         """Return the abstract arguments of ``phases.grad_step``."""
         beta = jax.ShapeDtypeStruct((), jnp.float32)
         return (self.trainable, self.frozen, self.batch, beta, self.trainable)
+
+    def state_rows(self) -> int:
+        """Return the states of one update window: trajectories per step × DDIM steps."""
+        return self.config.train.trajectories_per_step * self.config.sample.steps
+
+    def lower_grad_step(self):
+        """Return the lowered micro-batch step the config runs (per state or per row)."""
+        if not self.per_state:
+            return self.phases.grad_step.lower(*self.grad_step_args())
+        rep = parallel.replicated(self.batch.x_t.sharding.mesh)
+        vec = lambda n, dtype: jax.ShapeDtypeStruct((n,), dtype, sharding=rep)
+        n, mb = self.state_rows(), self.batch.size
+        per_state = (vec(n, jnp.float32), vec(mb, jnp.int32), vec(n, jnp.float32))
+        return self.phases.grad_step_per_state.lower(*self.grad_step_args(), *per_state)
+
+    def lower_flow_grad(self):
+        """Return the lowered flow VJP over one chunk of 2·micro-batch states."""
+        mesh = self.batch.x_t.sharding.mesh
+        rows = 2 * self.batch.size
+        table = self.batch.contexts.shape
+        states = transition_shapes(rows, self.model.latent_shape, table[0], table[1:])
+        states = parallel.abstract(states, train.micro_batch_shardings(mesh, states))
+        cot = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
+        return self.phases.flow_grad.lower(self.trainable, states, cot, self.trainable)
 
 
 def min_shard_size(settings) -> int:
@@ -247,7 +280,7 @@ def abstract_step(settings, config, mesh) -> AbstractStep:
     )
     batch = parallel.abstract(batch, train.micro_batch_shardings(mesh, batch))
     phases = train.build_phases(model, config, train.make_tx(config, trainable))
-    return AbstractStep(model, phases, trainable, frozen, batch)
+    return AbstractStep(model, phases, trainable, frozen, batch, config)
 
 
 def sharded_bytes(tree) -> int:
@@ -280,7 +313,7 @@ def memory_records(settings, fsdp: int) -> tuple[list[dict], int]:
     mesh = parallel.make_mesh(-1, fsdp)
     step = abstract_step(settings, config, mesh)
     start = time.perf_counter()
-    compiled = step.phases.grad_step.lower(*step.grad_step_args()).compile()
+    compiled = step.lower_grad_step().compile()
     compile_s = time.perf_counter() - start
     mem = parallel.memory_per_device(compiled)
     params = sharded_bytes(step.frozen["unet"])
@@ -365,7 +398,7 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     step = abstract_step(settings, config, mesh)
     rows = settings.batch * settings.steps
     micro = -(-rows // config.train.micro_batch)
-    flops = micro * bench.program_flops(step.phases.grad_step.lower(*step.grad_step_args()))
+    flops = micro * bench.program_flops(step.lower_grad_step())
     flops += bench.program_flops(
         step.phases.apply.lower(
             step.trainable,
@@ -381,6 +414,10 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
         flops += bench.program_flops(
             step.phases.fl_rewards.lower(step.frozen, step.trainable, None, traj, idx)
         )
+    if step.per_state:  # F̃ of every state forward, then the flow's VJP in chunks
+        flops += bench.program_flops(step.phases.state_flows.lower(step.trainable, traj))
+        chunks = -(-rows // (2 * config.train.micro_batch))
+        flops += chunks * bench.program_flops(step.lower_flow_grad())
     return flops
 
 

@@ -11,7 +11,9 @@ One epoch (one B² stage) reads top to bottom:
   4. update   per window of ``train.trajectories_per_step`` trajectories: (DAG) forward-looking
               rewards of every state with the current θ, then all the window's transitions,
               shuffled (``dag.baseline=step``: in blocks of one step of a trajectory group), in
-              micro-batches whose gradients are accumulated into one AdamW update;
+              micro-batches whose gradients are accumulated into one AdamW update (DAG: F̃ of
+              every state once at the window's start, and φ's gradient as one VJP over the
+              states at its end, ``dag.flow_once_per_state``);
   5. log and checkpoint.
 
 Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
@@ -43,6 +45,9 @@ from dag_jax.algos.transitions import (
     SHARED_FIELDS,
     Transitions,
     from_trajectory,
+    row_flows,
+    scatter_state_cotangents,
+    states_are_shared,
     step_group_order,
     take,
 )
@@ -185,6 +190,13 @@ def _trajectory_group(c) -> int:
 def _objective(c) -> str:
     """Return the loss an algo trains with (B² has its own choice)."""
     return c.b2.objective if c.algo == "b2" else c.algo
+
+
+def _flow_per_state(c, schedule: Schedule, traj: Trajectory) -> bool:
+    """Return whether a window's F̃ is computed once per state (``dag.flow_once_per_state``)."""
+    if not (_objective(c).startswith("dag") and c.dag.flow_once_per_state):
+        return False
+    return states_are_shared(schedule, traj.start, traj.log_probs.shape[1])
 
 
 # --------------------------------------------------------------------------- the model
@@ -370,10 +382,15 @@ class Phases:
     prefix: Any
     branches: Any
     fl_rewards: Any
-    grad_step: Any
+    grad_step: Any  # (trainable, frozen, batch, beta, grad_sum) -> (grad_sum, metrics)
     apply: Any
     grid: Any
     reward: Any  # (reward params, images, prompt_idx) -> (B,) for JAX-native rewards
+    # DAG with F̃ once per state (``dag.flow_once_per_state``): F̃ of a window's states, the
+    # micro-batch step on those values (also returning per-state ∂L/∂F̃), φ's VJP over states
+    state_flows: Any = None  # (trainable, traj) -> (B, K)
+    grad_step_per_state: Any = None  # (… grad_sum, state_flow, rows, cotangent) -> (+ cotangent)
+    flow_grad: Any = None  # (trainable, state rows, cotangent, grad_sum) -> grad_sum
 
 
 def build_phases(model: Model, config, tx) -> Phases:
@@ -465,10 +482,12 @@ def build_phases(model: Model, config, tx) -> Phases:
             schedule.prediction_type,
         )
 
-    def loss_fn(trainable, frozen, batch: Transitions, beta):
+    def loss_fn(trainable, frozen, batch: Transitions, beta, flow_values=None):
         params = {"policy": model.policy_of(frozen, trainable), "flow": trainable.get("flow")}
         if "log_z" in trainable:
             params["log_z"] = trainable["log_z"]
+        if flow_values is not None:
+            params["flow_values"] = flow_values
         if objective == "ddpo":
             d = c.b2 if c.algo == "b2" else c.ddpo
             return ddpo.ddpo_loss(
@@ -506,6 +525,25 @@ def build_phases(model: Model, config, tx) -> Phases:
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     @jax.jit
+    def state_flows(trainable, traj: Trajectory):
+        flow = trainable["flow"]
+        return dag.state_flows(model.flow_fn, flow, traj.latents, traj.timesteps, traj.context)
+
+    @jax.jit
+    def grad_step_per_state(trainable, frozen, batch, beta, grad_sum, state_flow, rows, cot):
+        grad = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)
+        values = row_flows(state_flow, rows)
+        (_, metrics), (grads, (g_t, g_s)) = grad(trainable, frozen, batch, beta, values)
+        cot = scatter_state_cotangents(cot, rows, g_t, g_s)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics, cot
+
+    @jax.jit
+    def flow_grad(trainable, states: Transitions, cotangent, grad_sum):
+        vjp = lambda flow: dag.flow_vjp_loss(model.flow_fn, flow, states, cotangent)
+        g = jax.grad(vjp)(trainable["flow"])
+        return {**grad_sum, "flow": jax.tree.map(jnp.add, grad_sum["flow"], g)}
+
+    @jax.jit
     def apply(trainable, opt_state, grad_sum, count, finite):
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         updates, new_opt = tx.update(grads, opt_state, trainable)
@@ -519,7 +557,11 @@ def build_phases(model: Model, config, tx) -> Phases:
         traj, _ = from_noise(frozen, trainable, ids, keys, 0.0)
         return images_of(frozen, traj.final)
 
-    return Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid, jax.jit(bound))
+    phases = Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid, jax.jit(bound))
+    if objective.startswith("dag"):
+        phases.state_flows, phases.flow_grad = state_flows, flow_grad
+        phases.grad_step_per_state = grad_step_per_state
+    return phases
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -734,6 +776,26 @@ def micro_batch_shardings(mesh, batch: Transitions) -> Transitions:
     return shardings.replace(**{name: parallel.replicated(mesh) for name in SHARED_FIELDS})
 
 
+def flow_vjp(phases, mesh, trainable, batch, cotangent, grad_sum, chunk: int) -> dict:
+    """Return ``grad_sum`` with φ's gradient Σ_states ∂L/∂F̃ · ∇_φ F̃ added, ``chunk`` at a time.
+
+    ``batch``'s x_t rows are the window's states (``from_trajectory``), ``cotangent`` (B·K,)
+    their accumulated ∂L/∂F̃; a ragged last chunk is padded with zero cotangents.
+    """
+    n = batch.size
+    pad = (-n) % chunk
+    rows = np.concatenate([np.arange(n), np.zeros(pad, np.int64)]).astype(np.int32)
+    keep = np.concatenate([np.ones(n), np.zeros(pad)]).astype(np.float32)
+    for lo in range(0, rows.size, chunk):
+        index = jnp.asarray(rows[lo : lo + chunk])
+        states = take(batch, index)
+        states = jax.device_put(states, micro_batch_shardings(mesh, states))
+        cot = cotangent[index] * jnp.asarray(keep[lo : lo + chunk])
+        cot = jax.device_put(cot, parallel.batch_sharding(mesh, 1))
+        grad_sum = phases.flow_grad(trainable, states, cot, grad_sum)
+    return grad_sum
+
+
 def update_window(model, phases, config, mesh, state, data: Collected, window, beta) -> dict:
     """Accumulate the gradients of a window's transitions; apply one optimizer update."""
     c = config
@@ -769,16 +831,27 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
     weight = np.concatenate([np.ones(rows.size), np.zeros(pad)]).astype(np.float32)
     rows = np.concatenate([rows, np.full(pad, rows[0])])
     grad_sum = jax.tree.map(jnp.zeros_like, state.trainable)
+    per_state = _flow_per_state(c, model.schedule, traj)
+    if per_state:  # F̃ of every state once, forward only; ∂L/∂F̃ gathered per state
+        rep = parallel.replicated(mesh)
+        state_flow = jax.device_put(phases.state_flows(state.trainable, traj).reshape(-1), rep)
+        cotangent = jax.device_put(jnp.zeros_like(state_flow), rep)
     metrics, count = [], 0
     for lo in range(0, rows.size, mb):
-        sub = take(batch, jnp.asarray(rows[lo : lo + mb]))
+        index = jnp.asarray(rows[lo : lo + mb], jnp.int32)
+        sub = take(batch, index)
         sub = sub.replace(weight=sub.weight * jnp.asarray(weight[lo : lo + mb]))
         sub = jax.device_put(sub, micro_batch_shardings(mesh, sub))
-        grad_sum, m = phases.grad_step(
-            state.trainable, model.frozen, sub, jnp.float32(beta), grad_sum
-        )
+        args = (state.trainable, model.frozen, sub, jnp.float32(beta), grad_sum)
+        if per_state:
+            index = jax.device_put(index, rep)
+            grad_sum, m, cotangent = phases.grad_step_per_state(*args, state_flow, index, cotangent)
+        else:
+            grad_sum, m = phases.grad_step(*args)
         metrics.append(m)
         count += 1
+    if per_state:  # φ's gradient: one VJP of F̃ over the window's states
+        grad_sum = flow_vjp(phases, mesh, state.trainable, batch, cotangent, grad_sum, 2 * mb)
     metrics = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
     finite = bool(np.isfinite(metrics["loss"]))
     if "flow" in state.trainable and state.epoch < c.dag.flow_warmup_epochs:

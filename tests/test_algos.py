@@ -278,3 +278,85 @@ def test_step_group_order_makes_blocks_of_one_step_of_consecutive_trajectories()
     assert not (order == np.sort(order)).all()  # the blocks are shuffled
     with pytest.raises(ValueError, match="must divide"):
         step_group_order(6, k, g, np.random.default_rng(0))
+
+
+def _per_transition_grads(loss, params, batch, order, mb):
+    """Σ over micro-batches of ``order`` of ∇ loss, the flow evaluated on [x_t; x_s] in each."""
+    from dag_jax.algos.transitions import take
+
+    total = jax.tree.map(jnp.zeros_like, params)
+    for lo in range(0, order.size, mb):
+        sub = take(batch, jnp.asarray(order[lo : lo + mb]))
+        g = jax.grad(lambda p, b: loss(p, b)[0])(params, sub)
+        total = jax.tree.map(jnp.add, total, g)
+    return total
+
+
+def _per_state_grads(loss, params, traj, batch, order, mb):
+    """The same sum with F̃ once per state: values in, cotangents out, one VJP at the end."""
+    from dag_jax.algos.transitions import row_flows, scatter_state_cotangents, take
+
+    flows = dag.state_flows(flow_fn, params["flow"], traj.latents, traj.timesteps, traj.context)
+    flows = flows.reshape(-1)
+    cot = jnp.zeros_like(flows)
+    rest = {k: v for k, v in params.items() if k != "flow"}
+    total = jax.tree.map(jnp.zeros_like, rest)
+    for lo in range(0, order.size, mb):
+        rows = jnp.asarray(order[lo : lo + mb])
+        sub = take(batch, rows)
+        with_values = lambda p, v, b: loss({**p, "flow": None, "flow_values": v}, b)[0]
+        g, (g_t, g_s) = jax.grad(with_values, argnums=(0, 1))(rest, row_flows(flows, rows), sub)
+        total = jax.tree.map(jnp.add, total, g)
+        cot = scatter_state_cotangents(cot, rows, g_t, g_s)
+    total["flow"] = jax.grad(lambda f: dag.flow_vjp_loss(flow_fn, f, batch, cot))(params["flow"])
+    return total
+
+
+@pytest.mark.parametrize("objective", ["db", "db_step_baseline", "kl"])
+def test_flow_once_per_state_gives_the_per_transition_gradient(objective):
+    from dag_jax.algos.transitions import states_are_shared
+
+    params = {**_params(3), "log_z": jnp.float32(0.7)}
+    traj, batch = _batch(params, n=4)
+    assert states_are_shared(SCHED, 0, SCHED.num_steps)
+    uncond = jnp.zeros((3, 5))
+    if objective == "kl":
+        loss = lambda p, b: dag.kl_loss(eps_fn, flow_fn, p, b, uncond, 2.0, baseline_group=2, **KW)
+    else:
+        group = 2 if objective == "db_step_baseline" else 0
+        loss = lambda p, b: dag.db_loss(
+            eps_fn, flow_fn, p, b, uncond, 2.0, baseline_group=group, **KW
+        )
+    order = np.random.default_rng(0).permutation(batch.size)
+    want = _per_transition_grads(loss, params, batch, order, 4)
+    got = _per_state_grads(loss, params, traj, batch, order, 4)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert np.abs(np.asarray(w)).max() > 0, path  # every part of the gradient is exercised
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_states_chain_only_on_grids_whose_s_is_the_next_t():
+    from dag_jax.algos.transitions import states_are_shared
+
+    base = dict(beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False)
+    leading = make_schedule(base, 20)
+    assert states_are_shared(leading, 0, 20)
+    assert states_are_shared(leading, 6, 14)  # a B² interval, ending at the last step
+    assert not states_are_shared(leading, 0, 10)  # stops short: its last row is not terminal
+    linspace = make_schedule(dict(base, timestep_spacing="linspace"), 20)
+    assert not states_are_shared(linspace, 0, 20)  # s = t − 50 is not the next t there
+
+
+def test_row_flows_and_the_cotangent_scatter_are_transposes():
+    from dag_jax.algos.transitions import row_flows, scatter_state_cotangents
+
+    flows = jnp.arange(12.0) ** 2
+    rows = jnp.asarray([5, 11, 0, 7, 5])
+    g_t = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0])
+    g_s = jnp.asarray([0.5, 0.0, 1.5, 2.5, 3.5])  # row 11 is the last: terminal, zero
+    _, vjp = jax.vjp(lambda f: row_flows(f, rows), flows)
+    want = vjp((g_t, g_s))[0]
+    got = scatter_state_cotangents(jnp.zeros(12), rows, g_t, g_s)
+    np.testing.assert_allclose(got, want)
+    np.testing.assert_allclose(row_flows(flows, rows)[1], flows[jnp.asarray([6, 11, 1, 8, 6])])

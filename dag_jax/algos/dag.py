@@ -3,6 +3,13 @@
 log F(x_t) = F̃_φ(x_t, t, c) + β_e·r(x̂₀^cond(x_t)); at the terminal state log F(x_0) = β_e·r(x_0).
 Per transition Δ = log F(x_t) + log p_θ(x_s|x_t) − log P_B(x_t|x_s) − log F(x_s).
 Rewards are constants computed before the loss, once per *state* (``forward_looking_rewards``).
+
+With φ fixed inside an accumulation window, F̃_φ of each state can be computed once too
+(``state_flows``, forward only, at the window's start): the loss then takes those values as
+inputs (``params["flow_values"]``), its gradient with respect to them is a cotangent per
+state (``transitions.scatter_state_cotangents``), and φ's gradient is one VJP of F̃ over the
+window's states at its end (``flow_vjp_loss``). Same math as evaluating F̃ on [x_t; x_s] in
+every micro-batch with the gradient, for half the flow evaluations with a backward pass.
 """
 
 from __future__ import annotations
@@ -59,6 +66,38 @@ def forward_looking_rewards(
     return jnp.moveaxis(rewards, 0, 1).astype(jnp.float32)
 
 
+def state_flows(
+    flow_fn: FlowFn, flow_params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
+) -> jax.Array:
+    """Return (B, K) F̃_φ(x_k, t_k, c) of the K states before each step, one forward per state.
+
+    ``latents`` (B, K+1, *x) and ``timesteps`` (K,) are a trajectory's (``Trajectory``); the
+    final state gets no F̃ (its log-flow is β·r(x_0)). Row b·K + k of ``from_trajectory``'s
+    transitions has F̃(x_t) = out[b, k] and, unless terminal, F̃(x_s) = out[b, k+1]: exact
+    when each step's s is the next step's t (``transitions.states_are_shared``).
+    """
+    b = latents.shape[0]
+
+    def one(step):
+        t = jnp.broadcast_to(timesteps[step], (b,))
+        return flow_fn(flow_params, latents[:, step], t, context).astype(jnp.float32)
+
+    flows = jax.lax.map(one, jnp.arange(timesteps.shape[0]))  # (K, B)
+    return jnp.moveaxis(flows, 0, 1)
+
+
+def flow_vjp_loss(
+    flow_fn: FlowFn, flow_params, batch: Transitions, cotangent: jax.Array
+) -> jax.Array:
+    """Return Σ_rows cotangent · F̃_φ(x_t, t, c): its φ-gradient is the flow's VJP over states.
+
+    ``batch`` holds one row per state (``from_trajectory``'s x_t rows), ``cotangent`` (B,) the
+    accumulated ∂L/∂F̃ of each state over every transition that touches it.
+    """
+    f = flow_fn(flow_params, batch.x_t, batch.t, batch.context).astype(jnp.float32)
+    return jnp.sum(jax.lax.stop_gradient(cotangent) * f)
+
+
 def log_flows(
     flow_fn: FlowFn,
     flow_params,
@@ -67,14 +106,7 @@ def log_flows(
     log_z: jax.Array | None = None,
     reduction: str = "mean",
 ) -> tuple[jax.Array, jax.Array]:
-    """Return (log F(x_t), log F(x_s)), each (B,) fp32, with one flow call on [x_t; x_s].
-
-    With ``log_z`` (a learned scalar) the flow of the first state is anchored to the prior,
-    log F(x_T) = log Z + log N(x_T; 0, I) (reduced like the log-probs). Without it F(x_T) is as
-    free as any other state's (the release): then DB/KL can be satisfied by terminal marginals
-    other than ∝ R, because the prior over x_T is fixed while F(x_T) is not (see
-    ``anchored_initial_flow``).
-    """
+    """Return (log F(x_t), log F(x_s)), each (B,) fp32, with one flow call on [x_t; x_s]."""
     b = batch.size
     f = flow_fn(
         flow_params,
@@ -82,13 +114,33 @@ def log_flows(
         jnp.concatenate([batch.t, batch.s]),
         jnp.concatenate([batch.context, batch.context]),
     ).astype(jnp.float32)
-    log_f_t = f[:b] + beta * batch.reward_t
+    return log_flows_of(f[:b], f[b:], batch, beta, log_z, reduction)
+
+
+def log_flows_of(
+    f_t: jax.Array,
+    f_s: jax.Array,
+    batch: Transitions,
+    beta: jax.Array,
+    log_z: jax.Array | None = None,
+    reduction: str = "mean",
+) -> tuple[jax.Array, jax.Array]:
+    """Return (log F(x_t), log F(x_s)) from the flow values F̃(x_t), F̃(x_s) (each (B,)).
+
+    With ``log_z`` (a learned scalar) the flow of the first state is anchored to the prior,
+    log F(x_T) = log Z + log N(x_T; 0, I) (reduced like the log-probs). Without it F(x_T) is as
+    free as any other state's (the release): then DB/KL can be satisfied by terminal marginals
+    other than ∝ R, because the prior over x_T is fixed while F(x_T) is not (see
+    ``anchored_initial_flow``).
+    """
+    log_f_t = f_t.astype(jnp.float32) + beta * batch.reward_t
     if log_z is not None:
         prior = ddim.gaussian_logprob(
             batch.x_t.astype(jnp.float32), 0.0, jnp.float32(1.0), reduction
         )
         log_f_t = jnp.where(batch.initial, log_z.astype(jnp.float32) + prior, log_f_t)
-    log_f_s = jnp.where(batch.terminal, 0.0, f[b:]) + beta * batch.reward_s
+    f_s = jnp.where(batch.terminal, 0.0, f_s.astype(jnp.float32))
+    log_f_s = f_s + beta * batch.reward_s
     return log_f_t, log_f_s
 
 
@@ -96,9 +148,12 @@ def _terms(eps_fn, flow_fn, params, batch, uncond, beta, **policy):
     reduction = policy["reduction"]
     log_p, eps = policy_terms(eps_fn, params["policy"], batch, uncond, **policy)
     log_pb = ddim.backward_logprob(batch.x_t, batch.x_s, batch.alpha_t, batch.alpha_s, reduction)
-    log_f_t, log_f_s = log_flows(
-        flow_fn, params["flow"], batch, beta, params.get("log_z"), reduction
-    )
+    log_z = params.get("log_z")
+    if "flow_values" in params:  # F̃(x_t), F̃(x_s) computed once per state (``state_flows``)
+        f_t, f_s = params["flow_values"]
+        log_f_t, log_f_s = log_flows_of(f_t, f_s, batch, beta, log_z, reduction)
+    else:
+        log_f_t, log_f_s = log_flows(flow_fn, params["flow"], batch, beta, log_z, reduction)
     reg = proximal_penalty(eps, batch.eps)
     return log_p, log_pb, log_f_t, log_f_s, reg
 
@@ -121,7 +176,9 @@ def db_loss(
     """Return (mean of Δ² + λ_reg·reg, metrics).
 
     ``params`` = {"policy": …, "flow": …} and optionally "log_z" (a scalar: anchor the first
-    state's flow to the prior, ``log_flows``).
+    state's flow to the prior, ``log_flows_of``) and "flow_values" (F̃(x_t), F̃(x_s), each
+    (B,): given, the loss uses them instead of calling the flow network, and its gradient
+    with respect to them is what ``flow_vjp_loss`` takes back to φ).
 
     ``baseline_group`` = n ≥ 2 gives θ's gradient a leave-one-out baseline: the flow (and
     log Z) still get ∇Δ², but θ gets 2·(Δ − m)·∇log p_θ instead of 2·Δ·∇log p_θ, with m the

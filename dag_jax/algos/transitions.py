@@ -131,6 +131,45 @@ def step_group_order(
     return blocks[rng.permutation(len(blocks))].reshape(-1)
 
 
+def states_are_shared(schedule: Schedule, start: int, num_steps: int) -> bool:
+    """Return whether a trajectory's steps [start, start + K) chain state to state exactly.
+
+    True when each step's s is the next step's t and the last step ends the schedule, so the
+    x_s of row b·K + k (``from_trajectory``) is the x_t of row b·K + k + 1 at the same time,
+    and the terminal rows are exactly the last of each trajectory. Then a per-state value
+    (F̃_φ, ``dag.state_flows``) serves both transitions that touch the state. DDIM's
+    "leading" spacing chains; "trailing" and "linspace" grids need not (s = t − T/N).
+    """
+    ts = np.asarray(schedule.timesteps)[start : start + num_steps]
+    prev = np.asarray(schedule.prev_timesteps)[start : start + num_steps]
+    ends = start + num_steps == schedule.num_steps
+    return bool(ends and ts.size == num_steps and np.array_equal(prev[:-1], ts[1:]))
+
+
+def row_flows(state_flow: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Return (F̃(x_t), F̃(x_s)) of transition rows from per-state values (B·K,).
+
+    ``state_flow`` is ``dag.state_flows`` flattened (state b·K + k); row r's x_t is state r and
+    its x_s state r + 1 (clamped for the very last row, which is terminal: its value is masked
+    by the loss, ``dag.log_flows_of``).
+    """
+    last = state_flow.shape[0] - 1
+    return state_flow[rows], state_flow[jnp.minimum(rows + 1, last)]
+
+
+def scatter_state_cotangents(
+    cotangent: jax.Array, rows: jax.Array, g_t: jax.Array, g_s: jax.Array
+) -> jax.Array:
+    """Return per-state ∂L/∂F̃ (B·K,) with the rows' ∂L/∂F̃(x_t), ∂L/∂F̃(x_s) added.
+
+    The transpose of ``row_flows``: row r's x_t is state r, its x_s state r + 1. A terminal
+    row's g_s is zero (its F̃(x_s) is masked), so its spill into the next trajectory's first
+    state, or past the end (dropped), adds nothing.
+    """
+    cotangent = cotangent.at[rows].add(g_t.astype(cotangent.dtype))
+    return cotangent.at[rows + 1].add(g_s.astype(cotangent.dtype), mode="drop")
+
+
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
     """Return Σ w·v / max(Σ w, 1): the mean over the rows a batch keeps."""
     w = weight.astype(jnp.float32)
