@@ -31,10 +31,13 @@ train: one optimizer step of ``train.update_window`` per algorithm of ``--algos`
 dag_db, dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax
 sampler, untimed), their ``batch·steps`` transitions in shuffled micro-batches of
 ``--micro_batch`` (default 16) accumulated into one AdamW update, and for DAG first the
-forward-looking rewards of every state (x̂₀ by the UNet, VAE decode, reward). Against it the
-PyTorch reference (``dag_jax.bench_torch_train``): diffusers UNet with a peft LoRA on
-to_q/k/v/out, the same DDIM log-prob math, the same losses, a torch flow network built from
-diffusers blocks, torch AdamW; same weights, trajectories, permutation. Records per algorithm
+forward-looking rewards of every state (x̂₀ by the UNet, VAE decode, reward) and, with
+``--flow_once_per_state`` (the default, as ``train``), F̃_φ of every state, whose VJP over the
+states ends the step (``--noflow_once_per_state``: F̃ on [x_t; x_s] in every micro-batch, as
+released). Against it the PyTorch reference (``dag_jax.bench_torch_train``): diffusers UNet
+with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a torch flow
+network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
+micro-batch), torch AdamW; same weights, trajectories, permutation. Records per algorithm
 (metric ``ALGO/...``, ``config["algo"]``) and impl:
   step_s, step_min_s     mean and fastest wall seconds of one optimizer step over ``--repeats``
                          (after ``--warmup`` untimed steps, the first of which also compiles
@@ -42,8 +45,10 @@ diffusers blocks, torch AdamW; same weights, trajectories, permutation. Records 
   transitions_per_s      batch·steps / step_s
   first_step_s           the first step (dag_jax: including compilation)
   loss                   the first step's loss (mean over micro-batches), same inputs for both
-  achieved_tflops, mfu   the step's FLOPs (XLA's cost analysis of dag_jax's programs without
-                         remat, the same count for both impls) / step_s, and that over the peak
+  achieved_tflops, mfu   the step's FLOPs (XLA's cost analysis of the dag_jax programs the
+                         step runs, without remat; the same count for both impls, so torch's
+                         extra flow evaluations are not counted as model FLOPs) / step_s, and
+                         that over the peak
   speedup_vs_torch_ref   (dag_jax) its transitions_per_s ÷ torch_ref's
   check_loss_rel_diff    (dag_jax) |loss_jax − loss_torch| / |loss_torch|
 """
