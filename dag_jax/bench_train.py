@@ -11,10 +11,11 @@ forward-looking rewards decode), the flow network and LoRA of ``configs/base.py`
 JAX-native reward (mean brightness). Text encoding is not part of a train step; prompts enter
 as random (77, D) embeddings.
 
-memory: compiles (never runs) the DAG-DB ``grad_step`` of one ``--micro_batch`` (default: the
-released 64) on a ("data", "fsdp") mesh of all devices for each fsdp size of ``--fsdp``, with
-the released train settings (bf16 compute, remat, fp32 params, a 256-row context table): every
-input is a ``jax.ShapeDtypeStruct`` carrying its sharding, so no weight is ever allocated.
+memory: compiles (never runs) the DAG-DB micro-step of one ``--micro_batch`` (default: the
+released 64; ``grad_step_per_state`` unless ``--noflow_once_per_state``) on a ("data",
+"fsdp") mesh of all devices for each fsdp size of ``--fsdp``, with the released train
+settings (bf16 compute, remat, fp32 params, a 256-row context table): every input is a
+``jax.ShapeDtypeStruct`` carrying its sharding, so no weight is ever allocated.
 ``--model=tiny`` shards leaves from 2^10 elements (train's 2^18 would shard none of them).
 Records per fsdp size N (``config["fsdp"]`` too), per device, from
 ``compiled.memory_analysis()``:
@@ -69,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dag_jax import bench, parallel, rewards, tiny, train
-from dag_jax.algos.transitions import Transitions
+from dag_jax.algos.transitions import Transitions, states_are_shared
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.models.lora import LoRAConfig
@@ -220,7 +221,9 @@ class AbstractStep:
     def per_state(self) -> bool:
         """Return whether the config computes DAG's F̃ once per state (``train``'s rule)."""
         c = self.config
-        return bool(c.algo.startswith("dag") and c.dag.flow_once_per_state)
+        if not (train._objective(c).startswith("dag") and c.dag.flow_once_per_state):
+            return False
+        return states_are_shared(self.model.schedule, 0, c.sample.steps)
 
     def grad_step_args(self) -> tuple:
         """Return the abstract arguments of ``phases.grad_step``."""
