@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dag_jax import bench, parallel, rewards, tiny, train
-from dag_jax.algos.transitions import Transitions, states_are_shared
+from dag_jax.algos.transitions import Transitions
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.models.lora import LoRAConfig
@@ -220,10 +220,7 @@ class AbstractStep:
     @property
     def per_state(self) -> bool:
         """Return whether the config computes DAG's F̃ once per state (``train``'s rule)."""
-        c = self.config
-        if not (train._objective(c).startswith("dag") and c.dag.flow_once_per_state):
-            return False
-        return states_are_shared(self.model.schedule, 0, c.sample.steps)
+        return train.flow_per_state(self.config, self.model.schedule, 0, self.config.sample.steps)
 
     def grad_step_args(self) -> tuple:
         """Return the abstract arguments of ``phases.grad_step``."""

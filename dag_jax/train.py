@@ -192,11 +192,15 @@ def _objective(c) -> str:
     return c.b2.objective if c.algo == "b2" else c.algo
 
 
-def _flow_per_state(c, schedule: Schedule, traj: Trajectory) -> bool:
-    """Return whether a window's F̃ is computed once per state (``dag.flow_once_per_state``)."""
+def flow_per_state(c, schedule: Schedule, start: int, num_steps: int) -> bool:
+    """Return whether a window of steps [start, start + num_steps) computes F̃ once per state.
+
+    DAG objectives with ``dag.flow_once_per_state``, where the states chain exactly
+    (``transitions.states_are_shared``); otherwise F̃ is evaluated per row, as released.
+    """
     if not (_objective(c).startswith("dag") and c.dag.flow_once_per_state):
         return False
-    return states_are_shared(schedule, traj.start, traj.log_probs.shape[1])
+    return states_are_shared(schedule, start, num_steps)
 
 
 # --------------------------------------------------------------------------- the model
@@ -776,16 +780,20 @@ def micro_batch_shardings(mesh, batch: Transitions) -> Transitions:
     return shardings.replace(**{name: parallel.replicated(mesh) for name in SHARED_FIELDS})
 
 
+def padded_rows(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (``rows`` padded to a multiple of ``size`` with its first row, 1/0 weights)."""
+    pad = (-rows.size) % size
+    weight = np.concatenate([np.ones(rows.size), np.zeros(pad)]).astype(np.float32)
+    return np.concatenate([rows, np.full(pad, rows[0])]).astype(np.int32), weight
+
+
 def flow_vjp(phases, mesh, trainable, batch, cotangent, grad_sum, chunk: int) -> dict:
     """Return ``grad_sum`` with φ's gradient Σ_states ∂L/∂F̃ · ∇_φ F̃ added, ``chunk`` at a time.
 
     ``batch``'s x_t rows are the window's states (``from_trajectory``), ``cotangent`` (B·K,)
     their accumulated ∂L/∂F̃; a ragged last chunk is padded with zero cotangents.
     """
-    n = batch.size
-    pad = (-n) % chunk
-    rows = np.concatenate([np.arange(n), np.zeros(pad, np.int64)]).astype(np.int32)
-    keep = np.concatenate([np.ones(n), np.zeros(pad)]).astype(np.float32)
+    rows, keep = padded_rows(np.arange(batch.size), chunk)
     for lo in range(0, rows.size, chunk):
         index = jnp.asarray(rows[lo : lo + chunk])
         states = take(batch, index)
@@ -827,11 +835,9 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
         rows = step_group_order(window.size, steps, c.dag.baseline_group, rng)
     else:
         rows = rng.permutation(batch.size)
-    pad = (-rows.size) % mb
-    weight = np.concatenate([np.ones(rows.size), np.zeros(pad)]).astype(np.float32)
-    rows = np.concatenate([rows, np.full(pad, rows[0])])
+    rows, weight = padded_rows(rows, mb)
     grad_sum = jax.tree.map(jnp.zeros_like, state.trainable)
-    per_state = _flow_per_state(c, model.schedule, traj)
+    per_state = flow_per_state(c, model.schedule, traj.start, traj.log_probs.shape[1])
     if per_state:  # F̃ of every state once, forward only; ∂L/∂F̃ gathered per state
         rep = parallel.replicated(mesh)
         state_flow = jax.device_put(phases.state_flows(state.trainable, traj).reshape(-1), rep)
