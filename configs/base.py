@@ -99,6 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
     # micro-batch: the same gradient, half the flow evaluations that need a backward pass.
     # Used where states chain exactly (DDIM "leading" spacing; transitions.states_are_shared).
     c.dag.flow_once_per_state = True
+    # where the forward-looking rewards' x̂₀^cond(x_t) come from (SPEC §4). "current": a
+    # conditional UNet pass over the window's states with the current θ at the window's start
+    # (release). "sampling": the conditional branch of the sampler's own guided call, kept in
+    # the trajectory: no extra UNet pass, and exact for the first update after sampling; later
+    # windows of the same epoch (train.trajectories_per_step < sample.trajectories, B²'s
+    # passes) then score x̂₀ of the sampling policy. Costs one more latent per state in memory.
+    c.dag.fl_source = "current"
 
     c.ddpo = ml_collections.ConfigDict()
     c.ddpo.clip_range = 1e-4

@@ -149,6 +149,7 @@ class Settings:
     micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
     fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
     flow_once_per_state: bool = True  # memory/train benches: dag.flow_once_per_state
+    fl_source: str = "current"  # train bench: dag.fl_source (current | sampling)
     json: str | None = None
 
     def impls(self) -> tuple[str, ...]:
@@ -730,6 +731,13 @@ def define_flags() -> None:
         True,
         "memory/train: DAG's F̃ once per state per window (false: on [x_t; x_s] in every "
         "micro-batch, as released)",
+    )
+    flags.DEFINE_enum(
+        "fl_source",
+        "current",
+        ["current", "sampling"],
+        "train: where DAG's forward-looking x̂₀ come from (dag.fl_source; sampling: kept by "
+        "the sampler, no UNet pass in the step)",
     )
     flags.DEFINE_string("json", None, "write the records to this JSON file")
 

@@ -32,14 +32,18 @@ train: one optimizer step of ``train.update_window`` per algorithm of ``--algos`
 dag_db, dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax
 sampler, untimed), their ``batch·steps`` transitions in shuffled micro-batches of
 ``--micro_batch`` (default 16) accumulated into one AdamW update, and for DAG first the
-forward-looking rewards of every state (x̂₀ by the UNet, VAE decode, reward) and, with
+forward-looking rewards of every state (x̂₀ by the UNet, or with ``--fl_source=sampling``
+kept by the untimed sampler as ``dag.fl_source``; VAE decode, reward) and, with
 ``--flow_once_per_state`` (the default, as ``train``), F̃_φ of every state, whose VJP over the
 states ends the step (``--noflow_once_per_state``: F̃ on [x_t; x_s] in every micro-batch, as
 released). Against it the PyTorch reference (``dag_jax.bench_torch_train``): diffusers UNet
 with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a torch flow
 network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
-micro-batch), torch AdamW; same weights, trajectories, permutation. Records per algorithm
-(metric ``ALGO/...``, ``config["algo"]``) and impl:
+micro-batch), torch AdamW; same weights, trajectories, permutation. torch_ref always takes
+x̂₀^cond from a UNet pass with the current θ (released); with ``--fl_source=sampling`` the
+timed dag_jax step reads them from the trajectory instead, which is exact here (the timed step
+is the first after sampling, θ = θ_old), and the first-step losses still agree. Records per
+algorithm (metric ``ALGO/...``, ``config["algo"]``) and impl:
   step_s, step_min_s     mean and fastest wall seconds of one optimizer step over ``--repeats``
                          (after ``--warmup`` untimed steps, the first of which also compiles
                          and gives ``loss``; the impls take turns)
@@ -120,6 +124,7 @@ def train_config(settings, algo: str, fsdp: int = 1, *, released: bool = False):
     c.train.micro_batch = settings.micro_batch or default_mb
     c.dag.baseline_group = math.gcd(c.dag.baseline_group, c.train.micro_batch)
     c.dag.flow_once_per_state = settings.flow_once_per_state
+    c.dag.fl_source = settings.fl_source
     c.mesh.data, c.mesh.fsdp = -1, fsdp
     if settings.model == "tiny":
         c.flow.block_out_channels = TINY_FLOW["block_out_channels"]
@@ -414,7 +419,7 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
         )
     )
     if algo.startswith("dag"):
-        traj = trajectory_shapes(settings, step.model)
+        traj = trajectory_shapes(settings, step.model, train.fl_from_sampling(config))
         idx = jax.ShapeDtypeStruct((settings.batch,), jnp.int32)
         flops += bench.program_flops(
             step.phases.fl_rewards.lower(step.frozen, step.trainable, None, traj, idx)
@@ -426,19 +431,24 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     return flops
 
 
-def trajectory_shapes(settings, model: train.Model):
-    """Return an abstract Trajectory of ``--batch`` × ``--steps`` for ``fl_rewards``."""
+def trajectory_shapes(settings, model: train.Model, x0_cond: bool = False):
+    """Return an abstract Trajectory of ``--batch`` × ``--steps`` for ``fl_rewards``.
+
+    ``x0_cond``: with the sampler's x̂₀^cond of every state (``dag.fl_source = "sampling"``).
+    """
     from dag_jax.diffusion.sampler import Trajectory
 
     b, k = settings.batch, settings.steps
     f32 = jnp.float32
     d = model.pipe.unet.config.cross_attention_dim
+    per_step = jax.ShapeDtypeStruct((b, k, *model.latent_shape), f32)
     return Trajectory(
         latents=jax.ShapeDtypeStruct((b, k + 1, *model.latent_shape), f32),
         timesteps=jax.ShapeDtypeStruct((k,), jnp.int32),
         log_probs=jax.ShapeDtypeStruct((b, k), f32),
-        eps=jax.ShapeDtypeStruct((b, k, *model.latent_shape), f32),
+        eps=per_step,
         context=jax.ShapeDtypeStruct((b, bench.CONTEXT_LEN, d), f32),
+        x0_cond=per_step if x0_cond else None,
     )
 
 
@@ -543,6 +553,7 @@ def sample_trajectories(model: train.Model, policy: dict, settings, config):
             keys,
             guidance=config.sample.guidance,
             eta=config.sample.eta,
+            keep_x0_cond=train.fl_from_sampling(config),
         )
 
     return run(policy, inputs.x_T, inputs.context), inputs

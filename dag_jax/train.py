@@ -63,6 +63,7 @@ log = logging.getLogger("dag_jax.train")
 ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
 B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
 DAG_BASELINES = ("rows", "step")
+FL_SOURCES = ("current", "sampling")
 B2_BASELINES = ("prompt", "prefix")
 GROUP_SCALES = ("group", "pooled")
 
@@ -144,6 +145,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.b2.baseline must be one of {B2_BASELINES}")
     if c.dag.baseline not in DAG_BASELINES:
         raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
+    if c.dag.fl_source not in FL_SOURCES:
+        raise ConfigError(
+            f"config.dag.fl_source must be one of {FL_SOURCES}, got {c.dag.fl_source!r}"
+        )
     if c.ddpo.group_scale not in GROUP_SCALES:
         raise ConfigError(f"config.ddpo.group_scale must be one of {GROUP_SCALES}")
     if _objective(c) == "dag_kl" or _step_baseline(c):
@@ -190,6 +195,11 @@ def _trajectory_group(c) -> int:
 def _objective(c) -> str:
     """Return the loss an algo trains with (B² has its own choice)."""
     return c.b2.objective if c.algo == "b2" else c.algo
+
+
+def fl_from_sampling(c) -> bool:
+    """Return whether DAG's forward-looking x̂₀ come from the sampling pass (``dag.fl_source``)."""
+    return _objective(c).startswith("dag") and c.dag.fl_source == "sampling"
 
 
 def flow_per_state(c, schedule: Schedule, start: int, num_steps: int) -> bool:
@@ -406,6 +416,7 @@ def build_phases(model: Model, config, tx) -> Phases:
     policy_kw = dict(guidance=c.sample.guidance, eta=c.sample.eta, reduction=c.dag.reduction)
     if objective == "ddpo":
         policy_kw["reduction"] = "mean"
+    keep = fl_from_sampling(c)  # rollouts keep x̂₀^cond of every state for the FL rewards
 
     def context_of(frozen, ids):
         return model.pipe.encode_text(frozen["text_encoder"], ids)
@@ -417,7 +428,9 @@ def build_phases(model: Model, config, tx) -> Phases:
     def images_of(frozen, latents):
         return model.pipe.decode_images(frozen["vae"], latents)
 
-    def from_noise(frozen, trainable, ids, keys, eta, num_steps=None, noise_keys=None):
+    def from_noise(
+        frozen, trainable, ids, keys, eta, num_steps=None, noise_keys=None, keep_x0_cond=False
+    ):
         ctx = context_of(frozen, ids)
         traj = rollout(
             model.eps_fn,
@@ -431,6 +444,7 @@ def build_phases(model: Model, config, tx) -> Phases:
             eta=eta,
             num_steps=num_steps,
             reduction=policy_kw["reduction"],
+            keep_x0_cond=keep_x0_cond,
         )
         return traj, ctx
 
@@ -440,7 +454,9 @@ def build_phases(model: Model, config, tx) -> Phases:
         # index); every trajectory keeps its own step noise. group 1: x_T of its own key.
         noise_keys = sample_keys(ekey, idx // c.sample.group * c.sample.group)
         keys = sample_keys(ekey, idx)
-        traj, _ = from_noise(frozen, trainable, ids, keys, c.sample.eta, noise_keys=noise_keys)
+        traj, _ = from_noise(
+            frozen, trainable, ids, keys, c.sample.eta, noise_keys=noise_keys, keep_x0_cond=keep
+        )
         return traj, images_of(frozen, traj.final)
 
     @functools.partial(jax.jit, static_argnums=5)
@@ -467,11 +483,14 @@ def build_phases(model: Model, config, tx) -> Phases:
             guidance=c.sample.guidance,
             eta=c.sample.eta,
             reduction=policy_kw["reduction"],
+            keep_x0_cond=keep,
         )
         return traj, images_of(frozen, traj.final)
 
     @jax.jit
     def fl_rewards(frozen, trainable, reward_params, traj: Trajectory, prompt_idx):
+        if keep and traj.x0_cond is None:
+            raise ValueError("dag.fl_source='sampling' needs trajectories sampled with x0_cond")
         k = traj.log_probs.shape[1]
         alpha_t = schedule.alpha_t[traj.start : traj.start + k]
         score = lambda x0: bound(reward_params, images_of(frozen, x0), prompt_idx)
@@ -484,6 +503,7 @@ def build_phases(model: Model, config, tx) -> Phases:
             traj.context,
             score,
             schedule.prediction_type,
+            x0_cond=traj.x0_cond,  # kept by the sampler when dag.fl_source = "sampling"
         )
 
     def loss_fn(trainable, frozen, batch: Transitions, beta, flow_values=None):
@@ -633,6 +653,7 @@ def _rows(traj: Trajectory, index: np.ndarray) -> Trajectory:
         log_probs=traj.log_probs[idx],
         eps=traj.eps[idx],
         context=traj.context[idx],
+        x0_cond=None if traj.x0_cond is None else traj.x0_cond[idx],
     )
 
 

@@ -64,6 +64,32 @@ def test_transitions_flatten_trajectories_step_by_step():
     np.testing.assert_array_equal(batch.reward_s[k], batch.reward_t[k + 1])
 
 
+def test_forward_looking_rewards_can_take_x0_from_the_sampler_without_a_model_call():
+    params = _params()
+    n, k = 3, SCHED.num_steps
+    ctx = jax.random.normal(jax.random.PRNGKey(9), (n, 3, 5))
+    keys = sample_keys(jax.random.PRNGKey(1), jnp.arange(n))
+    x_T = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
+    uncond = jnp.zeros((3, 5))
+    policy = params["policy"]
+    traj = rollout(eps_fn, policy, x_T, ctx, uncond, SCHED, keys, guidance=3.0, keep_x0_cond=True)
+    score = lambda x0: jnp.sum(x0**2, axis=-1) + x0[:, 0]
+    args = (traj.latents, traj.timesteps, SCHED.alpha_t[:k], traj.context, score)
+    current = dag.forward_looking_rewards(eps_fn, params["policy"], *args)
+    calls = []
+
+    def counting(*a):
+        calls.append(1)
+        return eps_fn(*a)
+
+    sampled = dag.forward_looking_rewards(counting, params["policy"], *args, x0_cond=traj.x0_cond)
+    assert calls == [] and sampled.shape == (n, k + 1)
+    np.testing.assert_allclose(sampled, current, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sampled[:, -1], score(traj.latents[:, -1]), rtol=1e-6)
+    with pytest.raises(ValueError, match="x0_cond"):
+        dag.forward_looking_rewards(eps_fn, params["policy"], *args, x0_cond=traj.x0_cond[:, 1:])
+
+
 def test_recomputed_log_prob_equals_stored_one():
     params = _params()
     _, batch = _batch(params)

@@ -58,7 +58,10 @@ def world():
     }
 
 
-@functools.partial(jax.jit, static_argnames=("guidance", "eta", "start", "num_steps", "reduction"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("guidance", "eta", "start", "num_steps", "reduction", "keep_x0_cond"),
+)
 def _toy_rollout(params, x, context, uncond, schedule, keys, **kwargs):
     return rollout(toy_eps, params, x, context, uncond, schedule, keys, **kwargs)
 
@@ -153,6 +156,23 @@ def test_ratio_moves_when_params_change(world, traj):
 def test_stored_eps_is_the_recomputed_guided_eps(world, traj):
     _, eps = _toy_recompute(world["params"], traj, world["uncond"], world["schedule"])
     np.testing.assert_allclose(eps, traj.eps, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_x0_cond_is_each_states_conditional_prediction_and_changes_nothing_else(world, traj):
+    assert traj.x0_cond is None  # kept only on request
+    kept = _rollout(world, keep_x0_cond=True)
+    for name in ("latents", "log_probs", "eps", "context", "timesteps"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(traj, name), err_msg=name)
+    sched, (b, k) = world["schedule"], traj.log_probs.shape
+    assert kept.x0_cond.shape == (b, k, C, HW, HW) and kept.x0_cond.dtype == jnp.float32
+    for step in range(k):
+        x = traj.latents[:, step]
+        e_c = toy_eps(world["params"], x, jnp.full((b,), sched.timesteps[step]), world["context"])
+        want, _ = ddim.split_prediction(x, e_c, sched.alpha_t[step])
+        np.testing.assert_allclose(kept.x0_cond[:, step], want, rtol=1e-5, atol=1e-5)
+    # the conditional branch, not the guided ε̃ the step used
+    guided, _ = ddim.split_prediction(traj.latents[:, 0], traj.eps[:, 0], sched.alpha_t[0])
+    assert np.abs(np.asarray(guided - kept.x0_cond[:, 0])).max() > 1e-3
 
 
 def test_stored_log_probs_are_on_policy(world, traj):

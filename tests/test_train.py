@@ -67,6 +67,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tmp_path, algo, objectiv
     cfg = tiny_config(algo=algo, b2__objective=objective, train__epochs=1)
     if algo == "b2":
         cfg.b2.select = False  # the tiny batch may select nothing; selection has its own tests
+    if objective.startswith("dag"):  # B²'s branch rollouts keep x̂₀^cond for the FL rewards
+        cfg.dag.fl_source = "sampling"
     state = train.train_and_evaluate(cfg, str(tmp_path))
     total = train.num_epochs(cfg)
     assert state.epoch == total
@@ -136,6 +138,7 @@ def test_flow_warmup_trains_the_flow_alone(tmp_path):
         (dict(model="/no/such/model"), "no such folder"),
         (dict(sample__group=3), r"by sample.group \(3\)"),
         (dict(dag__baseline="batch"), "config.dag.baseline"),
+        (dict(dag__fl_source="cache"), "config.dag.fl_source"),
         (dict(b2__baseline="batch"), "config.b2.baseline"),
         (dict(ddpo__group_scale="batch"), "config.ddpo.group_scale"),
         (dict(dag__baseline="step", dag__baseline_group=8), r"train.trajectories_per_step=4"),
@@ -270,6 +273,43 @@ def test_the_first_update_is_the_same_on_every_mesh_and_either_flow_evaluation(t
                 atol=1e-5 * tol,
                 err_msg=f"{mesh} {k}",
             )
+
+
+def test_fl_source_sampling_scores_the_samplers_x0_as_a_current_unet_pass_would(tmp_path):
+    # The first update after sampling has θ = θ_old, so the forward-looking rewards from the
+    # sampler's kept x̂₀^cond must equal those of a conditional UNet pass on the states.
+    import dataclasses
+
+    real, seen = train.build_phases, []
+
+    def recording(model, config, tx):
+        phases = real(model, config, tx)
+
+        def fl_rewards(frozen, trainable, reward_params, traj, prompt_idx):
+            out = phases.fl_rewards(frozen, trainable, reward_params, traj, prompt_idx)
+            if not seen:
+                unet = dataclasses.replace(traj, x0_cond=None)
+                again = phases.fl_rewards(frozen, trainable, reward_params, unet, prompt_idx)
+                seen.append((traj.x0_cond, np.asarray(out), np.asarray(again)))
+            return out
+
+        return dataclasses.replace(phases, fl_rewards=fl_rewards)
+
+    from dag_jax import rewards
+
+    rewards.register("brightness_for_tests", "tests.test_train:brightness_reward")
+    cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="brightness_for_tests")
+    cfg.dag.fl_source = "sampling"
+    train.build_phases = recording
+    try:
+        train.train_and_evaluate(cfg, str(tmp_path))
+    finally:
+        train.build_phases = real
+    x0_cond, sampled, current = seen[0]
+    b, k = cfg.train.trajectories_per_step, cfg.sample.steps
+    assert x0_cond is not None and x0_cond.shape[:2] == (b, k)
+    assert sampled.shape == (b, k + 1) and np.ptp(sampled) > 0
+    np.testing.assert_allclose(sampled, current, rtol=1e-5, atol=1e-6)
 
 
 def nan_reward():

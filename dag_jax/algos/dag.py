@@ -43,12 +43,15 @@ def forward_looking_rewards(
     context: jax.Array,
     score_fn: Callable[[jax.Array], jax.Array],
     prediction_type: str = "epsilon",
+    x0_cond: jax.Array | None = None,
 ) -> jax.Array:
     """Return (B, K+1) rewards, one per state: r(x̂₀^cond(x_k)) for k < K and r(x_K) at the end.
 
     ``latents`` (B, K+1, *x) are the states of a trajectory (``Trajectory.latents``), with
     ``timesteps``/``alpha_t`` (K,) those of its K steps; x̂₀ uses the conditional branch only
     (no CFG) under stop_gradient; ``score_fn`` maps (N, *x) clean latents to (N,) rewards.
+    ``x0_cond`` (B, K, *x), when given, are those x̂₀ already (``Trajectory.x0_cond``, from the
+    sampling pass: SPEC §4's ``fl_source: sampling``), and the model is not called.
     """
     b, k1 = latents.shape[:2]
     k = k1 - 1
@@ -59,7 +62,12 @@ def forward_looking_rewards(
         x0, _ = ddim.split_prediction(x, out.astype(jnp.float32), alpha_t[step], prediction_type)
         return x0
 
-    x0s = jax.lax.map(predicted_x0, jnp.arange(k))  # (K, B, *x)
+    if x0_cond is None:
+        x0s = jax.lax.map(predicted_x0, jnp.arange(k))  # (K, B, *x)
+    else:
+        if x0_cond.shape[:2] != (b, k):
+            raise ValueError(f"x0_cond has shape {x0_cond.shape}; expected ({b}, {k}, ...)")
+        x0s = jnp.moveaxis(x0_cond.astype(jnp.float32), 1, 0)
     x0s = jnp.concatenate([x0s, latents[:, -1][None]], axis=0)
     x0s = jax.lax.stop_gradient(x0s)
     rewards = jax.lax.map(score_fn, x0s)  # (K+1, B)

@@ -36,6 +36,10 @@ class Trajectory:
     log_probs: jax.Array  # (B, K) fp32, log p(x_s | x_t) of the sampled x_s (0 when η = 0)
     eps: jax.Array  # (B, K, *x) fp32 guided model output ε̃ (what the step used)
     context: jax.Array  # (B, L, D) conditional prompt embeddings
+    # (B, K, *x) fp32 x̂₀ of each state from the conditional branch alone (no CFG), kept only
+    # when the rollout asks for it (``keep_x0_cond``): DAG's forward-looking rewards from the
+    # sampling pass (``dag.fl_source = "sampling"``, SPEC §4) need no extra UNet call
+    x0_cond: jax.Array | None = None
     start: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
@@ -70,10 +74,24 @@ def guided_eps(
     guidance: float,
 ) -> jax.Array:
     """Return ε̃ = ε(∅) + w·(ε(c) − ε(∅)) from one model call on the [uncond; cond] batch."""
+    return guided_and_cond_eps(eps_fn, params, x, t, context, uncond, guidance)[0]
+
+
+def guided_and_cond_eps(
+    eps_fn: EpsFn,
+    params,
+    x: jax.Array,
+    t: jax.Array,
+    context: jax.Array,
+    uncond: jax.Array | None,
+    guidance: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Return (ε̃, ε(c)): the guided output and the conditional branch of the same call."""
     b = x.shape[0]
     t = jnp.broadcast_to(t, (b,))
     if uncond is None or guidance == 1.0:
-        return eps_fn(params, x, t, context).astype(jnp.float32)
+        out = eps_fn(params, x, t, context).astype(jnp.float32)
+        return out, out
     uncond = jnp.broadcast_to(uncond, context.shape)
     out = eps_fn(
         params,
@@ -82,7 +100,7 @@ def guided_eps(
         jnp.concatenate([uncond.astype(context.dtype), context]),
     ).astype(jnp.float32)
     e_u, e_c = out[:b], out[b:]
-    return e_u + guidance * (e_c - e_u)
+    return e_u + guidance * (e_c - e_u), e_c
 
 
 def rollout(
@@ -99,12 +117,15 @@ def rollout(
     start: int = 0,
     num_steps: int | None = None,
     reduction: str = "mean",
+    keep_x0_cond: bool = False,
 ) -> Trajectory:
     """Return the Trajectory of DDIM steps [start, start + num_steps) from states ``x``.
 
-    ``start``, ``num_steps``, ``guidance``, ``eta`` and ``reduction`` are static (Python values);
-    ``keys`` holds one key per sample (``sample_keys``). With η = 0 no noise is drawn and
-    log-probs are 0 (the step is deterministic).
+    ``start``, ``num_steps``, ``guidance``, ``eta``, ``reduction`` and ``keep_x0_cond`` are
+    static (Python values); ``keys`` holds one key per sample (``sample_keys``). With η = 0 no
+    noise is drawn and log-probs are 0 (the step is deterministic). ``keep_x0_cond`` also
+    returns each state's x̂₀ from the conditional branch (``Trajectory.x0_cond``), which the
+    guided call computes anyway.
     """
     n = schedule.num_steps if num_steps is None else num_steps
     if not (0 <= start and start + n <= schedule.num_steps and n > 0):
@@ -117,7 +138,7 @@ def rollout(
     def body(x_t, i):
         t = schedule.timesteps[i]
         a_t, a_s = schedule.alpha_t[i], schedule.alpha_s[i]
-        eps = guided_eps(eps_fn, params, x_t, t, context, uncond, guidance)
+        eps, eps_c = guided_and_cond_eps(eps_fn, params, x_t, t, context, uncond, guidance)
         noise = step_noise(keys, i, x_t.shape[1:]) if eta > 0 else None
         x_s, mean, sigma, _ = ddim.ddim_step(
             x_t, eps, a_t, a_s, eta, noise, schedule.prediction_type
@@ -126,9 +147,12 @@ def rollout(
             logp = ddim.policy_logprob(x_s, mean, sigma, reduction)
         else:
             logp = jnp.zeros(x_t.shape[:1], jnp.float32)
-        return x_s, (x_t, logp, eps)
+        x0_c = None
+        if keep_x0_cond:
+            x0_c, _ = ddim.split_prediction(x_t, eps_c, a_t, schedule.prediction_type)
+        return x_s, (x_t, logp, eps, x0_c)
 
-    x_final, (states, logps, epss) = jax.lax.scan(body, x, steps)
+    x_final, (states, logps, epss, x0s) = jax.lax.scan(body, x, steps)
     latents = jnp.concatenate([states, x_final[None]], axis=0)
     return Trajectory(
         latents=jnp.moveaxis(latents, 0, 1),
@@ -136,6 +160,7 @@ def rollout(
         log_probs=jnp.moveaxis(logps, 0, 1),
         eps=jnp.moveaxis(epss, 0, 1),
         context=context,
+        x0_cond=None if x0s is None else jnp.moveaxis(x0s, 0, 1),
         start=start,
     )
 
