@@ -275,43 +275,6 @@ def test_the_first_update_is_the_same_on_every_mesh_and_either_flow_evaluation(t
             )
 
 
-def test_fl_source_sampling_scores_the_samplers_x0_as_a_current_unet_pass_would(tmp_path):
-    # The first update after sampling has θ = θ_old, so the forward-looking rewards from the
-    # sampler's kept x̂₀^cond must equal those of a conditional UNet pass on the states.
-    import dataclasses
-
-    real, seen = train.build_phases, []
-
-    def recording(model, config, tx):
-        phases = real(model, config, tx)
-
-        def fl_rewards(frozen, trainable, reward_params, traj, prompt_idx):
-            out = phases.fl_rewards(frozen, trainable, reward_params, traj, prompt_idx)
-            if not seen:
-                unet = dataclasses.replace(traj, x0_cond=None)
-                again = phases.fl_rewards(frozen, trainable, reward_params, unet, prompt_idx)
-                seen.append((traj.x0_cond, np.asarray(out), np.asarray(again)))
-            return out
-
-        return dataclasses.replace(phases, fl_rewards=fl_rewards)
-
-    from dag_jax import rewards
-
-    rewards.register("brightness_for_tests", "tests.test_train:brightness_reward")
-    cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="brightness_for_tests")
-    cfg.dag.fl_source = "sampling"
-    train.build_phases = recording
-    try:
-        train.train_and_evaluate(cfg, str(tmp_path))
-    finally:
-        train.build_phases = real
-    x0_cond, sampled, current = seen[0]
-    b, k = cfg.train.trajectories_per_step, cfg.sample.steps
-    assert x0_cond is not None and x0_cond.shape[:2] == (b, k)
-    assert sampled.shape == (b, k + 1) and np.ptp(sampled) > 0
-    np.testing.assert_allclose(sampled, current, rtol=1e-5, atol=1e-6)
-
-
 def nan_reward():
     """A host reward that returns NaN (to exercise the non-finite guard)."""
     from dag_jax import rewards
@@ -364,15 +327,59 @@ def brightness_reward():
     return rewards.jax_reward("brightness", score, params={"scale": jnp.float32(2.0)})
 
 
-def test_a_jax_native_reward_runs_jitted_with_its_weights_as_arguments(tmp_path):
+def test_a_jax_native_reward_runs_jitted_and_fl_source_sampling_scores_the_samplers_x0(
+    tmp_path,
+):
+    # dag.fl_source="sampling": the first update after sampling has θ = θ_old, so the
+    # forward-looking rewards of the sampler's kept x̂₀^cond must equal those of a conditional
+    # UNet pass on the same states (the "current" source).
+    import dataclasses
+
     from dag_jax import rewards
+    from dag_jax.algos import dag
+
+    real, seen = train.build_phases, []
+
+    def recording(model, config, tx):
+        phases = real(model, config, tx)
+
+        def fl_rewards(frozen, trainable, reward_params, traj, prompt_idx):
+            out = phases.fl_rewards(frozen, trainable, reward_params, traj, prompt_idx)
+            if not seen:  # the "current" source: x̂₀ of a conditional UNet pass
+                bound = model.reward.bound_with_params(model.prompts)
+                images = lambda x0: model.pipe.decode_images(frozen["vae"], x0)
+                k = traj.log_probs.shape[1]
+                again = dag.forward_looking_rewards(
+                    model.eps_fn,
+                    model.policy_of(frozen, trainable),
+                    traj.latents,
+                    traj.timesteps,
+                    model.schedule.alpha_t[traj.start : traj.start + k],
+                    traj.context,
+                    lambda x0: bound(reward_params, images(x0), prompt_idx),
+                    model.schedule.prediction_type,
+                )
+                seen.append((traj.x0_cond, np.asarray(out), np.asarray(again)))
+            return out
+
+        return dataclasses.replace(phases, fl_rewards=fl_rewards)
 
     rewards.register("brightness_for_tests", "tests.test_train:brightness_reward")
     cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="brightness_for_tests")
-    state = train.train_and_evaluate(cfg, str(tmp_path))
+    cfg.dag.fl_source = "sampling"
+    train.build_phases = recording
+    try:
+        state = train.train_and_evaluate(cfg, str(tmp_path))
+    finally:
+        train.build_phases = real
     row = read_metrics(tmp_path)[-1]
     assert 0 < row["reward_mean"] <= 2.0 and np.isfinite(row["loss"])
     assert state.epoch == 1
+    x0_cond, sampled, current = seen[0]
+    b, k = cfg.train.trajectories_per_step, cfg.sample.steps
+    assert x0_cond is not None and x0_cond.shape[:2] == (b, k)
+    assert sampled.shape == (b, k + 1) and np.ptp(sampled) > 0
+    np.testing.assert_allclose(sampled, current, rtol=1e-5, atol=1e-6)
 
 
 def test_group_advantages_standardise_within_each_group():
