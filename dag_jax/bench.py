@@ -18,8 +18,9 @@ its state dict converted for the Linen UNet. Metrics per impl:
   unet_calls_per_s    steps / rollout_s; one call = one forward on the 2B-row [uncond; cond] batch
   unet_rows_per_s     2·batch·steps / rollout_s (per-image UNet evaluations)
   compile_s           (dag_jax) seconds to lower and compile the rollout
-  achieved_tflops, mfu  rollout FLOPs (steps × XLA's cost analysis of one guided UNet call,
-                      the same count for both impls) / rollout_s, and that over the peak:
+  achieved_tflops, mfu  rollout FLOPs (steps × the matmul and conv FLOPs of one guided UNet
+                      call, ``dag_jax.flops``; the same count for both impls) / rollout_s,
+                      and that over the peak:
                       the published dense bf16 peak on GPU/TPU, a measured matmul on CPU
                       (config: peak_tflops, peak_source, rollout_gflop)
   speedup_vs_torch_ref  (dag_jax) its trajectories_per_s ÷ torch_ref's
@@ -64,8 +65,9 @@ x̂₀, VAE decode, a mean-brightness JAX reward), against a PyTorch reference o
 (diffusers UNet + peft LoRA on to_q/k/v/out, a torch flow built from diffusers blocks, AdamW)
 on the same weights and trajectories. Metrics per impl, named ``ALGO/...``:
   step_s, step_min_s, transitions_per_s, first_step_s (dag_jax: with compilation), loss (first
-  step, same inputs), achieved_tflops, mfu (XLA's count of the step without remat, shared by
-  both impls), speedup_vs_torch_ref and check_loss_rel_diff (dag_jax).
+  step, same inputs), achieved_tflops, mfu (the step's matmul and conv FLOPs without remat,
+  ``dag_jax.flops``, shared by both impls), speedup_vs_torch_ref and check_loss_rel_diff
+  (dag_jax).
 See ``dag_jax/bench_train.py``.
 
 ops: the kernels of a tiny-model step alone at the shapes it runs them (3×3 convs of the UNet
@@ -93,7 +95,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import hostmem, tiny, xla_cpu
+from dag_jax import flops, hostmem, tiny, xla_cpu
 from dag_jax.bench_reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
@@ -259,19 +261,6 @@ PUBLISHED_BF16_PEAK = (
 )
 
 
-def program_flops(lowered) -> float:
-    """Return the FLOPs XLA's cost analysis counts for a lowered (not yet compiled) program.
-
-    The count is taken before backend optimisation on purpose: after compilation on GPU, convs
-    and matmuls become cuDNN/cuBLAS custom calls that the analysis does not count, so the same
-    model would seem to do 6× fewer FLOPs in bf16 than in fp32.
-    """
-    cost = lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per program
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 def measured_matmul_peak(dtype: str, n: int = 4096, repeats: int = 5) -> float:
     """Return the FLOP/s of the best of ``repeats`` jitted n×n×n matmuls on the default device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
@@ -304,10 +293,10 @@ def peak_flops(dtype: str) -> tuple[float, str]:
 def unet_call_flops(unet_config: dict, settings: Settings) -> float:
     """Return the model FLOPs of one guided UNet call on the 2B-row [uncond; cond] batch.
 
-    Counted by XLA:CPU's cost analysis of the lowered program with the einsum attention, on
-    abstract inputs (nothing is allocated). The count is the model's, whatever kernels run:
-    on GPU the analysis counts nothing before compilation and misses cuDNN/cuBLAS custom calls
-    after it, so there the count is taken in a CPU-only subprocess.
+    Counted on the program's jaxpr with the ``xla`` attention (``dag_jax.flops``: matmul and
+    convolution FLOPs, loop bodies × their trip count), on abstract inputs (nothing is
+    allocated). The count is the model's, whatever kernels run; it is taken in a CPU-only
+    subprocess on accelerator hosts, so the traced program is the CPU one everywhere.
     """
     if jax.default_backend() == "cpu":
         return _cpu_unet_call_flops(unet_config, settings)
@@ -338,10 +327,7 @@ def _cpu_unet_call_flops(unet_config: dict, settings: Settings) -> float:
         jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, 1, unet.config.cross_attention_dim)),
     )["params"]
-    flops = program_flops(jax.jit(fn).lower(params, inputs.x_T, inputs.context, inputs.uncond))
-    if not flops:
-        print("[bench] XLA's cost analysis counted no FLOPs here: MFU is not reported")
-    return flops
+    return flops.model_flops(fn, params, inputs.x_T, inputs.context, inputs.uncond)
 
 
 # --------------------------------------------------------------------------- sampler

@@ -50,10 +50,10 @@ algorithm (metric ``ALGO/...``, ``config["algo"]``) and impl:
   transitions_per_s      batch·steps / step_s
   first_step_s           the first step (dag_jax: including compilation)
   loss                   the first step's loss (mean over micro-batches), same inputs for both
-  achieved_tflops, mfu   the step's FLOPs (XLA's cost analysis of the dag_jax programs the
-                         step runs, without remat; the same count for both impls, so torch's
-                         extra flow evaluations are not counted as model FLOPs) / step_s, and
-                         that over the peak
+  achieved_tflops, mfu   the step's FLOPs (``dag_jax.flops``: matmuls and convs of the
+                         dag_jax programs the step runs, without remat; the same count for
+                         both impls, so torch's extra flow evaluations are not counted as
+                         model FLOPs) / step_s, and that over the peak
   speedup_vs_torch_ref   (dag_jax) its transitions_per_s ÷ torch_ref's
   check_loss_rel_diff    (dag_jax) |loss_jax − loss_torch| / |loss_torch|
 """
@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import bench, parallel, rewards, tiny, train
+from dag_jax import bench, flops, parallel, rewards, tiny, train
 from dag_jax.algos.transitions import Transitions
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
@@ -236,25 +236,30 @@ class AbstractStep:
         """Return the states of one update window: trajectories per step × DDIM steps."""
         return self.config.train.trajectories_per_step * self.config.sample.steps
 
-    def lower_grad_step(self):
-        """Return the lowered micro-batch step the config runs (per state or per row)."""
+    def grad_step_call(self) -> tuple:
+        """Return (jitted micro-batch step the config runs (per state or per row), its args)."""
         if not self.per_state:
-            return self.phases.grad_step.lower(*self.grad_step_args())
+            return self.phases.grad_step, self.grad_step_args()
         rep = parallel.replicated(self.batch.x_t.sharding.mesh)
         vec = lambda n, dtype: jax.ShapeDtypeStruct((n,), dtype, sharding=rep)
         n, mb = self.state_rows(), self.batch.size
         per_state = (vec(n, jnp.float32), vec(mb, jnp.int32), vec(n, jnp.float32))
-        return self.phases.grad_step_per_state.lower(*self.grad_step_args(), *per_state)
+        return self.phases.grad_step_per_state, (*self.grad_step_args(), *per_state)
 
-    def lower_flow_grad(self):
-        """Return the lowered flow VJP over one chunk of 2·micro-batch states."""
+    def lower_grad_step(self):
+        """Return the lowered micro-batch step the config runs (per state or per row)."""
+        fn, args = self.grad_step_call()
+        return fn.lower(*args)
+
+    def flow_grad_call(self) -> tuple:
+        """Return (the jitted flow VJP over one chunk of 2·micro-batch states, its args)."""
         mesh = self.batch.x_t.sharding.mesh
         rows = 2 * self.batch.size
         table = self.batch.contexts.shape
         states = transition_shapes(rows, self.model.latent_shape, table[0], table[1:])
         states = parallel.abstract(states, train.micro_batch_shardings(mesh, states))
         cot = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
-        return self.phases.flow_grad.lower(self.trainable, states, cot, self.trainable)
+        return self.phases.flow_grad, (self.trainable, states, cot, self.trainable)
 
 
 def min_shard_size(settings) -> int:
@@ -378,8 +383,8 @@ def bench_memory(settings) -> list[dict]:
 def train_step_flops(settings, algo: str) -> float:
     """Return the model FLOPs of one optimizer step (see ``_cpu_train_step_flops``).
 
-    Counted on the CPU backend: on GPU the analysis misses cuDNN/cuBLAS custom calls (see
-    ``bench.unet_call_flops``), so there it runs in a CPU-only subprocess.
+    Counted on the program the CPU backend traces (``bench.unet_call_flops``): on accelerator
+    hosts in a CPU-only subprocess.
     """
     if jax.default_backend() == "cpu":
         return _cpu_train_step_flops(settings, algo)
@@ -398,37 +403,33 @@ def train_step_flops(settings, algo: str) -> float:
 
 
 def _cpu_train_step_flops(settings, algo: str) -> float:
-    """Return the FLOPs XLA counts for one optimizer step, on one device, without remat.
+    """Return the matmul and conv FLOPs of one optimizer step, on one device, without remat.
 
-    (micro-batches per step) × ``grad_step`` + ``apply``, plus ``fl_rewards`` on the window's
-    trajectories for DAG; remat is off so recomputation is not counted (model FLOPs).
+    (micro-batches per step) × ``grad_step``, plus for DAG ``fl_rewards`` on the window's
+    trajectories and the flow's state passes, counted by ``dag_jax.flops`` (their ``lax.map``
+    loops × trip count); remat is off so recomputation is not counted (model FLOPs).
     """
     config = train_config(settings, algo)
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
     step = abstract_step(settings, config, mesh)
     rows = settings.batch * settings.steps
     micro = -(-rows // config.train.micro_batch)
-    flops = micro * bench.program_flops(step.lower_grad_step())
-    flops += bench.program_flops(
-        step.phases.apply.lower(
-            step.trainable,
-            jax.eval_shape(train.make_tx(config, step.trainable).init, step.trainable),
-            step.trainable,
-            jax.ShapeDtypeStruct((), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.bool_),
-        )
-    )
+    count = micro * flops.model_flops(*_unpack(step.grad_step_call()))
     if algo.startswith("dag"):
         traj = trajectory_shapes(settings, step.model, train.fl_from_sampling(config))
         idx = jax.ShapeDtypeStruct((settings.batch,), jnp.int32)
-        flops += bench.program_flops(
-            step.phases.fl_rewards.lower(step.frozen, step.trainable, None, traj, idx)
-        )
+        fl = step.phases.fl_rewards
+        count += flops.model_flops(fl, step.frozen, step.trainable, None, traj, idx)
     if step.per_state:  # F̃ of every state forward, then the flow's VJP in chunks
-        flops += bench.program_flops(step.phases.state_flows.lower(step.trainable, traj))
+        count += flops.model_flops(step.phases.state_flows, step.trainable, traj)
         chunks = -(-rows // (2 * config.train.micro_batch))
-        flops += chunks * bench.program_flops(step.lower_flow_grad())
-    return flops
+        count += chunks * flops.model_flops(*_unpack(step.flow_grad_call()))
+    return count
+
+
+def _unpack(call: tuple) -> tuple:
+    fn, args = call
+    return (fn, *args)
 
 
 def trajectory_shapes(settings, model: train.Model, x0_cond: bool = False):
