@@ -414,7 +414,8 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     step = abstract_step(settings, config, mesh)
     rows = settings.batch * settings.steps
     micro = -(-rows // config.train.micro_batch)
-    count = micro * flops.model_flops(*_unpack(step.grad_step_call()))
+    fn, args = step.grad_step_call()
+    count = micro * flops.model_flops(fn, *args)
     if algo.startswith("dag"):
         traj = trajectory_shapes(settings, step.model, train.fl_from_sampling(config))
         idx = jax.ShapeDtypeStruct((settings.batch,), jnp.int32)
@@ -423,13 +424,9 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     if step.per_state:  # F̃ of every state forward, then the flow's VJP in chunks
         count += flops.model_flops(step.phases.state_flows, step.trainable, traj)
         chunks = -(-rows // (2 * config.train.micro_batch))
-        count += chunks * flops.model_flops(*_unpack(step.flow_grad_call()))
+        fn, args = step.flow_grad_call()
+        count += chunks * flops.model_flops(fn, *args)
     return count
-
-
-def _unpack(call: tuple) -> tuple:
-    fn, args = call
-    return (fn, *args)
 
 
 def trajectory_shapes(settings, model: train.Model, x0_cond: bool = False):
