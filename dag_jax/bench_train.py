@@ -246,11 +246,6 @@ class AbstractStep:
         per_state = (vec(n, jnp.float32), vec(mb, jnp.int32), vec(n, jnp.float32))
         return self.phases.grad_step_per_state, (*self.grad_step_args(), *per_state)
 
-    def lower_grad_step(self):
-        """Return the lowered micro-batch step the config runs (per state or per row)."""
-        fn, args = self.grad_step_call()
-        return fn.lower(*args)
-
     def flow_grad_call(self) -> tuple:
         """Return (the jitted flow VJP over one chunk of 2·micro-batch states, its args)."""
         mesh = self.batch.x_t.sharding.mesh
@@ -327,8 +322,9 @@ def memory_records(settings, fsdp: int) -> tuple[list[dict], int]:
     config = train_config(settings, MEMORY_ALGO, fsdp, released=True)
     mesh = parallel.make_mesh(-1, fsdp)
     step = abstract_step(settings, config, mesh)
+    fn, args = step.grad_step_call()
     start = time.perf_counter()
-    compiled = step.lower_grad_step().compile()
+    compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     mem = parallel.memory_per_device(compiled)
     params = sharded_bytes(step.frozen["unet"])
