@@ -13,9 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dag_jax", "dag_jax.*"]),
-    # the built-in tiny world (python -m dag_jax.pretrain_tiny): ~18 MB of safetensors + JSON
+    # the built-in tiny world (python -m dag_jax.tinyworld): ~18 MB of safetensors + JSON
     package_data={
-        "dag_jax.assets": ["tiny_sd/*", "tiny_sd/*/*", "tiny_clip/*", "figures/*.png"],
+        "dag_jax.tinyworld.assets": ["tiny_sd/*", "tiny_sd/*/*", "tiny_clip/*"],
     },
     install_requires=[
         "jax>=0.10",

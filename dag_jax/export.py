@@ -30,9 +30,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dag_jax import parallel, train
-from dag_jax.checkpoint import Checkpointer
-from dag_jax.evaluate import read_run_config
+from dag_jax import train
+from dag_jax.eval.evaluate import read_run_config
+from dag_jax.infra import parallel
+from dag_jax.infra.checkpoint import Checkpointer
 from dag_jax.models.lora import LoRAConfig, _pairs, merge
 from dag_jax.pipeline import Pipeline, save_pipeline
 from dag_jax.weights.convert import torch_key
@@ -248,8 +249,13 @@ def main(argv, flag_values=None) -> None:
     print(f"[export] wrote the {fv.format} of {fv.workdir} to {out}", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
     from absl import app
 
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

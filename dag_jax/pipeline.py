@@ -150,12 +150,12 @@ def builtin_path(path_or_id: str | os.PathLike) -> str | os.PathLike:
     """Return the folder of a built-in model name ("tiny"), or ``path_or_id`` unchanged."""
     if str(path_or_id) != "tiny":
         return path_or_id
-    from dag_jax.assets import TINY_SD
+    from dag_jax.tinyworld.assets import TINY_SD
 
     if not (TINY_SD / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the built-in tiny model is missing from {TINY_SD}; rebuild it with "
-            "`python -m dag_jax.pretrain_tiny` (or reinstall dag_jax)"
+            "`python -m dag_jax.tinyworld` (or reinstall dag_jax)"
         )
     return TINY_SD
 
@@ -169,7 +169,7 @@ def load_pipeline(
 ) -> Pipeline:
     """Return a Pipeline from a local diffusers folder or a hub repo id (fp32 params).
 
-    ``"tiny"`` is the built-in tiny world shipped in the package (``dag_jax.assets.TINY_SD``).
+    ``"tiny"`` is the built-in tiny world shipped in the package (``tinyworld.assets.TINY_SD``).
     """
     root = folder.resolve(builtin_path(path_or_id), revision)
     model_index = folder.read_json(root / "model_index.json")

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import hostmem, xla_cpu
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
+from dag_jax.infra import xla_cpu
 from dag_jax.pipeline import Pipeline, load_pipeline
-from dag_jax.tiny import random_tiny_pipeline
+from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
 
 def generate(
@@ -109,7 +109,7 @@ def write_grid(path: Path, images: list[np.ndarray], per_row: int, scale: int = 
     """Write one PNG of all images, one prompt per row, each pixel repeated ``scale``×."""
     from PIL import Image
 
-    from dag_jax.metrics import image_grid
+    from dag_jax.infra.metrics import image_grid
 
     array = np.concatenate(images)
     if scale > 1:
@@ -170,7 +170,11 @@ def main(argv):
     print(f"[sample] wrote {len(written)} PNGs to {out}")
 
 
-if __name__ == "__main__":
-    hostmem.preload_tcmalloc()
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,7 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-from dag_jax import hostmem, xla_cpu  # noqa: E402
+from dag_jax.infra import hostmem, xla_cpu  # noqa: E402
 from tests import tiny_world  # noqa: E402
 
 # Tests compute on the CPU with the CLIs' settings: XLA:CPU flags (set before any test creates

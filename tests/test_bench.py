@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dag_jax import bench
+from dag_jax.bench import common as bench
 
 
 def test_sampler_bench_writes_documented_records(tmp_path):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from dag_jax import bench, bench_ops
+from dag_jax.bench import common as bench
+from dag_jax.bench import ops as bench_ops
 
 SMALL = (
     bench_ops.Conv(2, 8, 8, 16, 8, "small conv"),

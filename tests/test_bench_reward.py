@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dag_jax import bench, bench_reward
+from dag_jax.bench import common as bench
+from dag_jax.bench import reward as bench_reward
 
 
 def test_reward_bench_writes_documented_records(tmp_path):

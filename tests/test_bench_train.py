@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dag_jax import bench
+from dag_jax.bench import common as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MEMORY = textwrap.dedent(
     """
     import sys
-    from dag_jax import bench
+    from dag_jax.bench import common as bench
     settings = bench.Settings(
         model="tiny", resolution=8, micro_batch=2, fsdp="1,2", json=sys.argv[1]
     )

@@ -15,9 +15,9 @@ import optax
 import pytest
 
 from dag_jax.algos.optim import GroupConfig, make_optimizer
-from dag_jax.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointMismatchError
+from dag_jax.infra.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointMismatchError
 
-LOGGER = "dag_jax.checkpoint"
+LOGGER = "dag_jax.infra.checkpoint"
 # orbax/tensorstore leave a callback on a closed event loop after a failed read of a damaged file
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dag_jax import diversity as dv
+from dag_jax.eval import diversity as dv
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

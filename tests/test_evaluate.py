@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from dag_jax import evaluate as ev
-from dag_jax import plot, train
+from dag_jax import train
+from dag_jax.eval import evaluate as ev
+from dag_jax.eval import plot
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
@@ -84,7 +85,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     """Return a folder with a random tiny transformers-layout CLIPModel (16 px, 24-d)."""
-    from dag_jax.bench_reward import random_clip
+    from dag_jax.bench.reward import random_clip
     from dag_jax.weights.clip_loader import save_clip
 
     path = tmp_path_factory.mktemp("clip") / "clip"
@@ -99,7 +100,7 @@ def evaluated(run_dir, clip_dir) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "dag_jax.evaluate",
+        "dag_jax.eval",
         f"--workdir={run_dir}",
         "--prompts=both",
         f"--num_per_prompt={K}",
@@ -237,15 +238,16 @@ def test_sample_indices_fix_each_prompts_seeds_whatever_k():
 
 
 def test_feature_extractors_plug_in_by_name():
-    from dag_jax import assets, features
+    from dag_jax.eval import features
+    from dag_jax.tinyworld import assets
 
     images = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
     pixels = features.load_feature_extractor("pixels:4")
     assert pixels.name == "pixels:4" and pixels(images).shape == (3, 48)
-    plugged = features.load_feature_extractor("dag_jax.features:PixelFeatures")
+    plugged = features.load_feature_extractor("dag_jax.eval.features:PixelFeatures")
     assert plugged.name == "pixels:16" and plugged(images).shape == (3, 768)
     with pytest.raises(ValueError, match="cannot import"):
-        features.load_feature_extractor("dag_jax.features:NoSuchFactory")
+        features.load_feature_extractor("dag_jax.eval.features:NoSuchFactory")
     assert features.default_feature_model("runwayml/stable-diffusion-v1-5") == (
         "openai/clip-vit-large-patch14"
     )
@@ -254,7 +256,7 @@ def test_feature_extractors_plug_in_by_name():
 
 
 def test_checkpointer_restores_a_chosen_epoch_without_abandoning_newer_ones(tmp_path):
-    from dag_jax.checkpoint import Checkpointer
+    from dag_jax.infra.checkpoint import Checkpointer
 
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         for epoch in (1, 2):

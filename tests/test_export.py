@@ -23,7 +23,7 @@ from dag_jax import export, train
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.models.lora import LoRAConfig, init_lora, merge
-from dag_jax.tiny import random_tiny_pipeline
+from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat on the mat", "the dog"]

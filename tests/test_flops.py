@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dag_jax import flops
+from dag_jax.bench import flops
 from dag_jax.models import attention
 
 F32 = jnp.float32

@@ -1,4 +1,4 @@
-"""dag_jax.hostmem: glibc's thresholds are raised once, and the env var opts out."""
+"""dag_jax.infra.hostmem: glibc's thresholds are raised once, and the env var opts out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dag_jax import hostmem
+from dag_jax.infra import hostmem
 
 HAS_GLIBC_MALLOPT = bool(ctypes.util.find_library("c")) and sys.platform.startswith("linux")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from dag_jax import features
+from dag_jax.eval import features
 from dag_jax.models.inception import InceptionV3, preprocess
 from dag_jax.weights.convert import WeightsError
 from dag_jax.weights.inception import inception_params, load_inception

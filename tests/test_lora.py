@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from dag_jax.models.lora import LoRAConfig, init_lora, merge, num_params, target_paths
 from dag_jax.models.unet import UNet2DConditionModel
-from dag_jax.tiny import random_tiny_pipeline
+from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

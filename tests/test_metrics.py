@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dag_jax import metrics
-from dag_jax.metrics import (
+from dag_jax.infra import metrics
+from dag_jax.infra.metrics import (
     MetricsWriter,
     ProgressLine,
     format_duration,
@@ -126,7 +126,7 @@ def test_read_metrics_skips_a_truncated_last_line(tmp_path, caplog):
     # a resumed run appends after the partial line, which then stays a line of its own
     with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
         writer.write_scalars(3, {"loss": 0.25})
-    with caplog.at_level(logging.WARNING, logger="dag_jax.metrics"):
+    with caplog.at_level(logging.WARNING, logger="dag_jax.infra.metrics"):
         records = read_metrics(tmp_path)
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.25)]
     assert any("line 3" in r.getMessage() for r in caplog.records)

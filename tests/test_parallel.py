@@ -1,4 +1,4 @@
-"""Mesh, shardings, host batches, global sample indices and memory analysis (dag_jax.parallel).
+"""Mesh, shardings, host batches, global sample indices and memory analysis (infra.parallel).
 
 Three kinds of tests:
 - pure ones (shapes, messages, env detection) run on any device count, using ``AbstractMesh``;
@@ -27,8 +27,8 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dag_jax import parallel as par
 from dag_jax.diffusion.sampler import sample_keys
+from dag_jax.infra import parallel as par
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_SHAPES = [(1, 1), (8, 1), (2, 4), (1, 8)]
@@ -418,7 +418,7 @@ def test_fsdp_cuts_per_device_argument_memory(eight_devices):
 WORKER = """
 import json, sys
 import jax
-from dag_jax import parallel as par
+from dag_jax.infra import parallel as par
 from tests.test_parallel import run_toy_step, toy_problem
 
 assert par.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))

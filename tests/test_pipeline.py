@@ -112,7 +112,7 @@ def test_legacy_flax_msgpack_loads_through_the_same_loader(torch_sd1, sd1, tmp_p
 
 def test_tokenizer_loads_from_vocab_and_merges_or_tokenizer_json(torch_sd1, sd1, tmp_path):
     from dag_jax.pipeline import load_tokenizer
-    from dag_jax.tiny import write_byte_tokenizer
+    from dag_jax.tinyworld.random_tiny import write_byte_tokenizer
 
     bpe = load_tokenizer(write_byte_tokenizer(tmp_path / "bpe"))
     assert (torch_sd1[1] / "tokenizer" / "tokenizer.json").is_file()
@@ -159,7 +159,7 @@ def test_missing_folder_and_unreachable_hub_id_are_clear(tmp_path):
 
 
 def test_random_tiny_pipeline_samples_and_is_deterministic():
-    from dag_jax.tiny import random_tiny_pipeline
+    from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
     pipe = random_tiny_pipeline(0)
     a = generate(pipe, ["a cat"], steps=2, guidance=5.0, eta=1.0, seed=3)

@@ -32,7 +32,7 @@ import transformers
 from PIL import Image
 
 import dag_jax.rewards as R
-from dag_jax.bench_reward import TINY_CLIP, TINY_OPEN_CLIP
+from dag_jax.bench.reward import TINY_CLIP, TINY_OPEN_CLIP
 from dag_jax.rewards import clipscore as cs
 from dag_jax.rewards.base import RewardError
 

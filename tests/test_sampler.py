@@ -395,7 +395,7 @@ def test_last_step_with_alpha_to_one_is_deterministic_not_nan(world):
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    from dag_jax.tiny import random_tiny_pipeline
+    from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
     pipe = random_tiny_pipeline()
     schedule = make_schedule(pipe.scheduler_config, 3)

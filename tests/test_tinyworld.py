@@ -90,7 +90,7 @@ def test_bpe_learns_whole_words_and_loads_as_clip_tokenizer(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     """Run the whole pretraining CLI at a tiny scale (a few steps per stage)."""
-    from dag_jax import pretrain_tiny
+    from dag_jax.tinyworld import build as pretrain_tiny
     from dag_jax.tinyworld import pretrain
 
     work = tmp_path_factory.mktemp("pretrain")
@@ -130,7 +130,7 @@ def test_pretraining_writes_loadable_folders(smoke_world):
 
 
 def test_pretraining_reuses_finished_stages(smoke_world, monkeypatch):
-    from dag_jax import pretrain_tiny
+    from dag_jax.tinyworld import build as pretrain_tiny
     from dag_jax.tinyworld import pretrain
 
     work, recipe, world, _, _ = smoke_world
@@ -201,7 +201,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _shipped():
-    from dag_jax.assets import TINY_CLIP, TINY_SD
+    from dag_jax.tinyworld.assets import TINY_CLIP, TINY_SD
 
     if not (TINY_SD / "model_index.json").is_file() or not (TINY_CLIP / "config.json").is_file():
         pytest.fail(f"the shipped tiny world is missing ({TINY_SD}, {TINY_CLIP})")
@@ -271,10 +271,10 @@ def test_tiny_clipscore_prefers_the_true_caption():
 
 
 def test_load_pipeline_tiny_names_the_fix_when_missing(monkeypatch, tmp_path):
-    import dag_jax.assets
+    import dag_jax.tinyworld.assets
     from dag_jax.pipeline import builtin_path
 
-    monkeypatch.setattr(dag_jax.assets, "TINY_SD", tmp_path / "nothing")
+    monkeypatch.setattr(dag_jax.tinyworld.assets, "TINY_SD", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="pretrain_tiny"):
         builtin_path("tiny")
     assert builtin_path("some/folder") == "some/folder"
@@ -284,7 +284,7 @@ def test_load_pipeline_tiny_names_the_fix_when_missing(monkeypatch, tmp_path):
 
 
 def test_tinyworld_bench_configs_and_table():
-    from dag_jax import bench_tinyworld as tw
+    from dag_jax.bench import tinyworld as tw
 
     c = tw.demo_config("alignment", "dag_kl", 3, epochs=5)
     assert (c.model, c.reward.name, c.prompts.name) == ("tiny", "tiny_clipscore", "tiny_shapes")
@@ -328,7 +328,7 @@ def test_tinyworld_bench_configs_and_table():
 
 
 def test_ascent_line_search_on_the_tiny_world():
-    from dag_jax import bench_ascent
+    from dag_jax.bench.probes import ascent as bench_ascent
 
     m = bench_ascent.ascent("compressibility", group=4, batch=8, lrs=[1e-2], seed=0)
     assert set(m) >= {"reward_std", "reward_std_within_group", "grad_cosine"}
@@ -350,7 +350,8 @@ def test_tiny_world_trains_evaluates_and_exports(tmp_path):
     import runpy
     from pathlib import Path
 
-    from dag_jax import evaluate, export, train
+    from dag_jax import export, train
+    from dag_jax.eval import evaluate
 
     _shipped()
     root = Path(__file__).resolve().parents[1]
@@ -372,7 +373,7 @@ def test_tiny_world_trains_evaluates_and_exports(tmp_path):
 
 
 def test_dbterms_splits_the_db_residual_per_step():
-    from dag_jax import bench_dbterms
+    from dag_jax.bench.probes import dbterms as bench_dbterms
 
     m = bench_dbterms.dbterms("compressibility", group=4, batch=8, seed=0)
     steps = sum(name.startswith("logratio_mean_k") for name in m)

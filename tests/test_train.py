@@ -16,6 +16,7 @@ import pytest
 from flax import traverse_util
 
 from dag_jax import train
+from dag_jax.infra import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def test_sample_grids_are_written(tmp_path):
 def test_flow_warmup_trains_the_flow_alone(tmp_path):
     cfg = tiny_config(algo="dag_db", train__epochs=1, dag__flow_warmup_epochs=1)
     before = train.init_trainable(
-        train.load_model(cfg, train.parallel.make_mesh(1, 1), task=False),
+        train.load_model(cfg, parallel.make_mesh(1, 1), task=False),
         cfg,
         jax.random.fold_in(jax.random.key(cfg.seed), 1 << 31),
     )
@@ -404,7 +405,7 @@ def test_pooled_group_advantages_keep_the_groups_relative_spread():
 
 def _first_epoch(cfg):
     """Return (mesh, model, phases, state) of a run at epoch 0 on one device."""
-    mesh = train.parallel.make_mesh(1, 1)
+    mesh = parallel.make_mesh(1, 1)
     model = train.load_model(cfg, mesh)
     trainable = train.init_trainable(model, cfg, jax.random.key(0))
     state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)

@@ -1,4 +1,4 @@
-"""dag_jax.xla_cpu: flags appended only where safe, the user's XLA_FLAGS win, and they take
+"""dag_jax.infra.xla_cpu: flags appended only where safe, the user's XLA_FLAGS win, and they take
 effect (convolutions leave YNNPACK) without changing results beyond fp32 rounding."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from dag_jax import xla_cpu
+from dag_jax.infra import xla_cpu
 
 FLAG = "--{}={}".format(*xla_cpu.FLAGS[0])
 NAME = xla_cpu.FLAGS[0][0]
@@ -24,7 +24,7 @@ MACHINE = ["--{}={}".format(*flag) for flag in xla_cpu.machine_flags()]  # what 
 CONV = """
 import json, sys
 import numpy as np
-from dag_jax import xla_cpu
+from dag_jax.infra import xla_cpu
 import jax, jax.numpy as jnp
 if sys.argv[1] == "late":
     jax.devices()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dag_jax import tiny
+from dag_jax.tinyworld import random_tiny as tiny
 
 
 def _kwargs(config: dict) -> dict:

@@ -152,10 +152,10 @@ def tiny_clipscore(
     """Return the tiny world's prompt-alignment reward: cosine of the tiny CLIP's embeddings.
 
     ``clip``: a transformers CLIPModel folder with its tokenizer (default: the built-in tiny
-    CLIP, ``dag_jax.assets.TINY_CLIP``, trained by ``python -m dag_jax.pretrain_tiny``). Same
+    CLIP, ``dag_jax.tinyworld.assets.TINY_CLIP``, trained by ``python -m dag_jax.tinyworld``). Same
     score as ``clipscore``, with transformers' ``CLIPModel`` layout instead of OpenCLIP's.
     """
-    from dag_jax.assets import TINY_CLIP
+    from dag_jax.tinyworld.assets import TINY_CLIP
     from dag_jax.weights.clip_loader import load_clip
 
     name = "tiny_clipscore"
@@ -163,7 +163,7 @@ def tiny_clipscore(
     if not (path / "config.json").is_file():
         raise RewardError(
             f"reward {name!r}: no CLIP folder at {path} (the built-in one is written by "
-            "`python -m dag_jax.pretrain_tiny`)"
+            "`python -m dag_jax.tinyworld`)"
         )
     compute = parse_dtype(dtype, name)
     method = check_preprocess(preprocess, name)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from dag_jax.tiny import write_byte_tokenizer
+from dag_jax.tinyworld.random_tiny import write_byte_tokenizer
 
 # CLIP's pre-tokenizer, restricted to what lowercased ASCII captions contain
 _WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")

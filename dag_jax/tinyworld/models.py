@@ -10,13 +10,13 @@ same shapes, trained further (``pretrain.train_judge``).
 
 from __future__ import annotations
 
-from dag_jax import tiny
+from dag_jax.tinyworld import random_tiny as tiny
 
 IMAGE_SIZE = 64
 TOKEN_LENGTH = 16  # captions are ≤ 9 tokens with BOS/EOS
 HIDDEN = 64
 
-# SD1's shapes as diffusers' tiny test model (``dag_jax.tiny``), resized for 8×8 latents
+# SD1's shapes as diffusers' tiny test model (``random_tiny``), resized for 8×8 latents
 UNET_CONFIG = dict(
     tiny.UNET_CONFIG,
     sample_size=8,

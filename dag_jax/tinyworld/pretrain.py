@@ -23,7 +23,7 @@ caption set makes kind and count the only way to lower the loss once colour is k
 
 Every stage draws its examples from ``shapes.batch`` with its own stream seed, so a recipe and a
 seed give the same weights on the same software (XLA may differ across machines in the last
-bits). ``python -m dag_jax.pretrain_tiny`` runs all stages and writes the shipped folders.
+bits). ``python -m dag_jax.tinyworld`` runs all stages and writes the shipped folders.
 """
 
 from __future__ import annotations

@@ -425,13 +425,13 @@ METRIC_UNITS = {
 
 
 def bench_toy2d(settings) -> list[dict]:
-    """Return ``dag_jax.bench`` records of ``run`` (``python -m dag_jax.bench toy2d``).
+    """Return ``dag_jax.bench.common`` records of ``run`` (``python -m dag_jax.bench toy2d``).
 
     One record per (algorithm, metric): impl is the algorithm (``target_samples`` = exact
     samples of p*, the floor set by finite samples and the grid), config the Toy2DConfig
     (seed from ``--seed``).
     """
-    from dag_jax.bench import machine_info, record
+    from dag_jax.bench.common import machine_info, record
 
     cfg = dataclasses.replace(Toy2DConfig(), seed=settings.seed)
     config = {**dataclasses.asdict(cfg), **machine_info()}

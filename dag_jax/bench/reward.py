@@ -401,7 +401,7 @@ def prepare(reward: Reward | JaxScorer, images: np.ndarray, prompts: list[str]):
 
 def bench_reward(settings) -> list[dict]:
     """Return images/s (and compile time) records of the rewards named by ``settings.reward``."""
-    from dag_jax.bench import machine_info, record, timed_runs
+    from dag_jax.bench.common import machine_info, record, timed_runs
 
     if settings.model not in REWARD_MODELS:
         raise ValueError(f"--model must be one of {REWARD_MODELS}, got {settings.model!r}")

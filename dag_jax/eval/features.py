@@ -7,7 +7,7 @@ A ``FeatureExtractor`` is anything with a ``name`` (recorded in eval.json) and a
 ``__call__(images) -> (N, D) features``. ``load_feature_extractor(spec)`` understands:
 
 - a transformers ``CLIPModel`` folder or hub id (the default; ``openai/clip-vit-large-patch14``
-  for SD runs, ``dag_jax.assets.TINY_CLIP`` for the tiny world): ``ClipFeatures``, the projected
+  for SD runs, ``tinyworld.assets.TINY_CLIP`` for the tiny world): ``ClipFeatures``, the projected
   image embedding ``get_image_features`` of the Linen CLIP vision tower after the aesthetic
   reward's in-graph CLIP preprocessing (quantise, bicubic resize, center crop, mean/std);
 - ``pixels`` or ``pixels:S``: ``PixelFeatures``, the image resized to S × S (default 16) and
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger("dag_jax.features")
+log = logging.getLogger("dag_jax.eval.features")
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 TINY_MODELS = ("tiny", "random-tiny")
@@ -172,11 +172,11 @@ def default_feature_model(model: str) -> str:
     """Return the default feature model of a run on diffusion model ``model``.
 
     Runs on the tiny world (``tiny``, ``random-tiny`` or the shipped tiny SD folder) use the
-    shipped tiny CLIP (``dag_jax.assets.TINY_CLIP``), or ``pixels`` with a warning while it is
+    shipped tiny CLIP (``tinyworld.assets.TINY_CLIP``), or ``pixels`` with a warning while it is
     not there; every other run uses ``openai/clip-vit-large-patch14``.
     """
     try:
-        from dag_jax import assets
+        from dag_jax.tinyworld import assets
     except ImportError:  # pragma: no cover - the package ships assets
         assets = None
     tiny_sd = getattr(assets, "TINY_SD", None)
@@ -189,7 +189,7 @@ def default_feature_model(model: str) -> str:
     if tiny_clip is not None and (Path(tiny_clip) / "config.json").is_file():
         return str(tiny_clip)
     log.warning(
-        "The tiny CLIP (dag_jax.assets.TINY_CLIP) is not installed; diversity uses raw pixel "
+        "The tiny CLIP (tinyworld.assets.TINY_CLIP) is not installed; diversity uses raw pixel "
         "features. Pass --feature_model=<CLIP folder> for embeddings."
     )
     return "pixels"

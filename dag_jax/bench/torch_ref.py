@@ -1,4 +1,4 @@
-"""The PyTorch reference for ``dag_jax.bench``: a plain eager diffusers sampling loop.
+"""The PyTorch reference for ``dag_jax.bench.common``: a plain eager diffusers sampling loop.
 
 Imported only when torch and diffusers are installed (the core install has neither). It is the
 baseline a PyTorch user would write (DDPO-style): diffusers ``UNet2DConditionModel`` in eager

@@ -57,7 +57,7 @@ def _flat(tree) -> np.ndarray:
 
 def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> dict[str, float]:
     """Return the metrics of one (task, group) line search (see the module docstring)."""
-    from dag_jax import bench_tinyworld
+    from dag_jax.bench import tinyworld as bench_tinyworld
 
     config = bench_tinyworld.demo_config(task, "ddpo", seed)
     config.sample.group = group
@@ -117,8 +117,8 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
 
 
 def bench_ascent(settings) -> list[dict]:
-    """Return ``dag_jax.bench`` records for every task and group size of ``settings``."""
-    from dag_jax.bench import machine_info, record
+    """Return ``dag_jax.bench.common`` records for every task and group size of ``settings``."""
+    from dag_jax.bench.common import machine_info, record
 
     tasks = [t for t in settings.tasks.split(",") if t]
     groups = [int(g) for g in settings.groups.split(",") if g]

@@ -4,7 +4,7 @@
         python -m dag_jax.bench memory --model=sd15-random [--fsdp=1,2,4,8] [--micro_batch=64]
     python -m dag_jax.bench train --model=tiny --algos=ddpo,dag_db,dag_kl --batch=4 --steps=4
 
-Both benches build the real train program of ``dag_jax.train`` (``build_phases``: the same
+Both benches build the real train program of ``dag_jax.train.phases`` (``build_phases``: the same
 ``grad_step``, ``fl_rewards`` and ``apply``) around a UNet of ``--model``'s shapes with random
 weights (``bench.MODELS``), a VAE of the same family (``VAE_CONFIGS``; only DAG's
 forward-looking rewards decode), the flow network and LoRA of ``configs/base.py``, and a tiny
@@ -36,7 +36,7 @@ forward-looking rewards of every state (x̂₀ by the UNet, or with ``--fl_sourc
 kept by the untimed sampler as ``dag.fl_source``; VAE decode, reward) and, with
 ``--flow_once_per_state`` (the default, as ``train``), F̃_φ of every state, whose VJP over the
 states ends the step (``--noflow_once_per_state``: F̃ on [x_t; x_s] in every micro-batch, as
-released). Against it the PyTorch reference (``dag_jax.bench_torch_train``): diffusers UNet
+released). Against it the PyTorch reference (``dag_jax.bench.torch_ref_train``): diffusers UNet
 with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a torch flow
 network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
 micro-batch), torch AdamW; same weights, trajectories, permutation. torch_ref always takes
@@ -50,7 +50,7 @@ algorithm (metric ``ALGO/...``, ``config["algo"]``) and impl:
   transitions_per_s      batch·steps / step_s
   first_step_s           the first step (dag_jax: including compilation)
   loss                   the first step's loss (mean over micro-batches), same inputs for both
-  achieved_tflops, mfu   the step's FLOPs (``dag_jax.flops``: matmuls and convs of the
+  achieved_tflops, mfu   the step's FLOPs (``dag_jax.bench.flops``: matmuls and convs of the
                          dag_jax programs the step runs, without remat; the same count for
                          both impls, so torch's extra flow evaluations are not counted as
                          model FLOPs) / step_s, and that over the peak
@@ -73,13 +73,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import bench, flops, parallel, rewards, tiny, train
+from dag_jax import rewards, train
 from dag_jax.algos.transitions import Transitions
+from dag_jax.bench import common as bench
+from dag_jax.bench import flops
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
+from dag_jax.infra import parallel
 from dag_jax.models.lora import LoRAConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.pipeline import Pipeline, unet_shapes, vae_shapes
+from dag_jax.tinyworld import random_tiny as tiny
 from dag_jax.weights.convert import torch_to_linen
 
 SD15_VAE_CONFIG = dict(
@@ -108,7 +112,7 @@ def train_config(settings, algo: str, fsdp: int = 1, *, released: bool = False):
     trajectories per update); otherwise ``--dtype`` applies without remat, ``--batch``
     trajectories make one update and the micro-batch defaults to 16.
     """
-    c = train._default_config()
+    c = train.default_config()
     if c is None:
         raise RuntimeError("the train benches need configs/base.py (run from the repository)")
     c.algo = algo
@@ -402,7 +406,7 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     """Return the matmul and conv FLOPs of one optimizer step, on one device, without remat.
 
     (micro-batches per step) × ``grad_step``, plus for DAG ``fl_rewards`` on the window's
-    trajectories and the flow's state passes, counted by ``dag_jax.flops`` (their ``lax.map``
+    trajectories and the flow's state passes, counted by ``dag_jax.bench.flops`` (their ``lax.map``
     loops × trip count); remat is off so recomputation is not counted (model FLOPs).
     """
     config = train_config(settings, algo)
@@ -468,7 +472,8 @@ def random_weights(settings, unet, vae, use_torch: bool) -> Weights:
         x = jnp.zeros((1, vae.config.in_channels, side, side))
         vae_params = jax.jit(vae.init)(jax.random.key(settings.seed + 1), x)["params"]
         return Weights(bench.default_init_params(unet, settings.seed), vae_params)
-    from dag_jax import bench_torch, bench_torch_train
+    from dag_jax.bench import torch_ref as bench_torch
+    from dag_jax.bench import torch_ref_train as bench_torch_train
 
     device = bench_torch.pick_device()
     torch_unet = bench_torch.build_unet(unet_config, settings.seed, device)
@@ -641,7 +646,7 @@ def bench_algo(settings, algo, weights, mesh, impls, peak, base_cfg) -> list[dic
     )
     steps, first, losses = {}, {}, {}
     if "torch_ref" in impls:
-        from dag_jax import bench_torch_train
+        from dag_jax.bench import torch_ref_train as bench_torch_train
 
         ref = bench_torch_train.TorchTrainStep.from_run(run, weights, settings)
         order = run.next_permutation()

@@ -1,6 +1,6 @@
 """Evaluate a run: reward and diversity on train and held-out prompts, and image grids.
 
-    python -m dag_jax.evaluate --workdir=RUN [--step=N | --base] --prompts=test|train|both \
+    python -m dag_jax.eval --workdir=RUN [--step=N | --base] --prompts=test|train|both \
         --num_per_prompt=K --seed=S [--extra_rewards=a,b] [--feature_model=PATH] [--batch_size=B]
 
 What it does (SPEC §9):
@@ -15,7 +15,7 @@ What it does (SPEC §9):
    same for the base model and every checkpoint, whatever K, the batch size or the device
    count;
 3. scores every image with the run's reward (``config.reward``) and any ``--extra_rewards``;
-   embeds it with the feature extractor (``dag_jax.features``: CLIP image embeddings; the
+   embeds it with the feature extractor (``dag_jax.eval.features``: CLIP image embeddings; the
    tiny CLIP for tiny-world runs);
 4. writes ``RUN/eval/<step>/`` (or ``RUN/eval/base/``): ``eval.json``, ``samples.npz``
    (features, rewards and the grid images), ``grid_<split>.png`` (prompts × seeds) and, for a
@@ -64,12 +64,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from dag_jax import diversity, hostmem, parallel, rewards, train, xla_cpu
-from dag_jax.checkpoint import Checkpointer
-from dag_jax.features import FeatureExtractor, default_feature_model, load_feature_extractor
-from dag_jax.metrics import image_grid, to_json_number
+from dag_jax import rewards, train
+from dag_jax.eval import diversity
+from dag_jax.eval.features import FeatureExtractor, default_feature_model, load_feature_extractor
+from dag_jax.infra import parallel, xla_cpu
+from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.infra.metrics import image_grid, to_json_number
 
-log = logging.getLogger("dag_jax.evaluate")
+log = logging.getLogger("dag_jax.eval.evaluate")
 
 SPLITS = ("train", "test")
 # Held-out prompts of inline (tiny-world) prompt sets: the :tiny training prompts' colours,
@@ -111,7 +113,7 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
     loaded = json.loads(path.read_text(encoding="utf-8"))
-    config = train._default_config() or ml_collections.ConfigDict()
+    config = train.default_config() or ml_collections.ConfigDict()
     _merge(config, loaded)
     return config
 
@@ -291,8 +293,8 @@ class Evaluator:
             _, images = self.phases.sample(
                 model.frozen,
                 trainable,
-                train._put(mesh, ids[prompt_idx]),
-                train._put(mesh, salts[rows].astype(np.int32)),
+                train.put_batch(mesh, ids[prompt_idx]),
+                train.put_batch(mesh, salts[rows].astype(np.int32)),
                 ekey,
             )
             for name, scorer in scorers.items():
@@ -425,7 +427,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 def run_label(config: Mapping[str, Any]) -> str:
     """Return the algorithm label of a run: ``algo``, or ``b2/<objective>`` for B² runs."""
-    from dag_jax.plot import run_label as label
+    from dag_jax.eval.plot import run_label as label
 
     return label(config)
 
@@ -489,7 +491,7 @@ def _evaluate_model(
         "base": tag == BASE_TAG,
         "label": run_label(c.to_dict()),
         "algo": str(c.algo),
-        "objective": train._objective(c),
+        "objective": train.objective_of(c),
         "model": str(c.model),
         "reward": str(c.reward.name),
         "trajectories_seen": extra.get("trajectories_seen", 0),
@@ -660,9 +662,9 @@ def main(argv) -> None:
     print("\n".join(summary_lines(result)), flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
     from absl import app
 
-    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

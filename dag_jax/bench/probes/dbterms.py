@@ -31,7 +31,7 @@ from dag_jax.diffusion import ddim
 
 def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
     """Return the per-step metrics of one task (see the module docstring)."""
-    from dag_jax import bench_tinyworld
+    from dag_jax.bench import tinyworld as bench_tinyworld
 
     config = bench_tinyworld.demo_config(task, "dag_db", seed)
     config.sample.group = group
@@ -73,8 +73,8 @@ def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
 
 
 def bench_dbterms(settings) -> list[dict]:
-    """Return ``dag_jax.bench`` records for every task of ``settings``."""
-    from dag_jax.bench import machine_info, record
+    """Return ``dag_jax.bench.common`` records for every task of ``settings``."""
+    from dag_jax.bench.common import machine_info, record
 
     tasks = [t for t in settings.tasks.split(",") if t]
     group = int(settings.groups.split(",")[-1])  # default "1,8": 8

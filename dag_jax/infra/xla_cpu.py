@@ -35,7 +35,7 @@ import platform
 
 import jaxlib
 
-from dag_jax import hostmem
+from dag_jax.infra import hostmem
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ or ``torch_ref``, config holds the settings and a description of the machine and
 
 sampler: trajectories/s of ``dag_jax.diffusion.sampler.rollout`` (CFG, η, log-probs, one jitted
 program; compile time reported on its own) against an eager diffusers loop doing the same math
-(``dag_jax.bench_torch``), both on the same random weights: the torch UNet is built first and
+(``dag_jax.bench.torch_ref``), both on the same random weights: the torch UNet is built first and
 its state dict converted for the Linen UNet. Metrics per impl:
   rollout_s           mean wall seconds of one batch rollout (after ``--warmup`` untimed runs;
                       the impls' runs alternate, so load changes hit both alike)
@@ -19,7 +19,7 @@ its state dict converted for the Linen UNet. Metrics per impl:
   unet_rows_per_s     2·batch·steps / rollout_s (per-image UNet evaluations)
   compile_s           (dag_jax) seconds to lower and compile the rollout
   achieved_tflops, mfu  rollout FLOPs (steps × the matmul and conv FLOPs of one guided UNet
-                      call, ``dag_jax.flops``; the same count for both impls) / rollout_s,
+                      call, ``dag_jax.bench.flops``; the same count for both impls) / rollout_s,
                       and that over the peak:
                       the published dense bf16 peak on GPU/TPU, a measured matmul on CPU
                       (config: peak_tflops, peak_source, rollout_gflop)
@@ -37,7 +37,7 @@ shapes (``tiny`` or ``sd15-random``: CLIP ViT-L/14, OpenCLIP ViT-H-14, ImageRewa
 JAX-native rewards jitted (compile_s apart), host rewards eager. See ``dag_jax/bench_reward.py``.
 
 tinyworld: reward and diversity before (base model) and after training ``configs/<task>.py:demo``
-runs in the built-in tiny world, measured by ``dag_jax.evaluate`` on the same noise, per
+runs in the built-in tiny world, measured by ``dag_jax.eval.evaluate`` on the same noise, per
 ``--tasks`` × ``--algos`` × ``--seeds``; a mean ± std table.
 See ``dag_jax/bench_tinyworld.py``.
 
@@ -49,7 +49,7 @@ dbterms: the DB residual's parts per denoising step at the base model (log p_θ 
 the forward-looking reward's change, within groups of the last of ``--groups``), per ``--tasks``.
 See ``dag_jax/bench_dbterms.py``.
 
-memory: per-device bytes of the real DAG-DB ``grad_step`` of ``dag_jax.train`` (LoRA + flow,
+memory: per-device bytes of the real DAG-DB ``grad_step`` of ``dag_jax.train.phases`` (LoRA + flow,
 bf16 compute, remat, ``--micro_batch`` transitions, default 64) in ``--model`` shapes, compiled
 (never run) on abstract sharded inputs on a ("data", "fsdp") mesh of all devices, per fsdp size
 of ``--fsdp`` (default 1,2,4,8; on CPU use XLA_FLAGS=--xla_force_host_platform_device_count=8).
@@ -66,7 +66,7 @@ x̂₀, VAE decode, a mean-brightness JAX reward), against a PyTorch reference o
 on the same weights and trajectories. Metrics per impl, named ``ALGO/...``:
   step_s, step_min_s, transitions_per_s, first_step_s (dag_jax: with compilation), loss (first
   step, same inputs), achieved_tflops, mfu (the step's matmul and conv FLOPs without remat,
-  ``dag_jax.flops``, shared by both impls), speedup_vs_torch_ref and check_loss_rel_diff
+  ``dag_jax.bench.flops``, shared by both impls), speedup_vs_torch_ref and check_loss_rel_diff
   (dag_jax).
 See ``dag_jax/bench_train.py``.
 
@@ -95,13 +95,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dag_jax import flops, hostmem, tiny, xla_cpu
-from dag_jax.bench_reward import bench_reward
+from dag_jax.bench import flops
+from dag_jax.bench.reward import bench_reward
 from dag_jax.diffusion.sampler import guided_eps, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
+from dag_jax.infra import hostmem, xla_cpu
 from dag_jax.models.attention import ATTENTION_IMPLS
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.pipeline import unet_shapes
+from dag_jax.tinyworld import random_tiny as tiny
 from dag_jax.weights.convert import torch_to_linen
 
 IMPLS = ("dag_jax", "torch_ref")
@@ -293,7 +295,7 @@ def peak_flops(dtype: str) -> tuple[float, str]:
 def unet_call_flops(unet_config: dict, settings: Settings) -> float:
     """Return the model FLOPs of one guided UNet call on the 2B-row [uncond; cond] batch.
 
-    Counted on the program's jaxpr with the ``xla`` attention (``dag_jax.flops``: matmul and
+    Counted on the program's jaxpr with the ``xla`` attention (``dag_jax.bench.flops``: matmul and
     convolution FLOPs, loop bodies × their trip count), on abstract inputs (nothing is
     allocated). The count is the model's, whatever kernels run; it is taken in a CPU-only
     subprocess on accelerator hosts, so the traced program is the CPU one everywhere.
@@ -404,7 +406,7 @@ def prepare_torch_sampler(
     """Return a blocking call of the eager PyTorch reference rollout."""
     import torch
 
-    from dag_jax import bench_torch
+    from dag_jax.bench import torch_ref as bench_torch
 
     dev = next(torch_unet.parameters()).device
     schedule = make_schedule(tiny.SCHEDULER_CONFIG, settings.steps)
@@ -442,7 +444,7 @@ def first_eps_diff(
     """Return (max |ε̃_jax − ε̃_torch|, ‖ε̃_jax − ε̃_torch‖ / ‖ε̃_torch‖) at the first step."""
     import torch
 
-    from dag_jax import bench_torch
+    from dag_jax.bench import torch_ref as bench_torch
 
     t0 = int(make_schedule(tiny.SCHEDULER_CONFIG, settings.steps).timesteps[0])
     eps_fn = lambda p, x, t, c: unet.apply({"params": p}, x, t, c).sample
@@ -515,7 +517,7 @@ def sampler_models(
     unet = linen_unet(unet_config, settings.dtype, settings.attention)
     if not use_torch:
         return unet, default_init_params(unet, settings.seed), None, {}
-    from dag_jax import bench_torch
+    from dag_jax.bench import torch_ref as bench_torch
 
     device = bench_torch.pick_device()
     torch_unet = bench_torch.build_unet(unet_config, settings.seed, device)
@@ -579,15 +581,15 @@ def bench_sampler(settings: Settings) -> list[dict]:
 
 
 def bench_toy2d(settings: Settings) -> list[dict]:
-    """Return the records of the 2-D proof (``dag_jax.toy2d``; imported only when asked for)."""
-    from dag_jax import toy2d
+    """Return the records of the 2-D proof (``probes.toy2d``; imported only when asked for)."""
+    from dag_jax.bench.probes import toy2d
 
     return toy2d.bench_toy2d(settings)
 
 
 def bench_tinyworld(settings: Settings) -> list[dict]:
-    """Return the reward rise of demo runs in the tiny world (``dag_jax.bench_tinyworld``)."""
-    from dag_jax import bench_tinyworld as tw
+    """Return the reward rise of demo runs in the tiny world (``dag_jax.bench.tinyworld``)."""
+    from dag_jax.bench import tinyworld as tw
 
     records = tw.bench_tinyworld(settings)
     print(tw.format_rise(records))
@@ -596,35 +598,35 @@ def bench_tinyworld(settings: Settings) -> list[dict]:
 
 def bench_memory(settings: Settings) -> list[dict]:
     """Return per-device memory of the sharded train step per fsdp size (``bench_train``)."""
-    from dag_jax import bench_train
+    from dag_jax.bench import train_step as bench_train
 
     return bench_train.bench_memory(settings)
 
 
 def bench_train(settings: Settings) -> list[dict]:
     """Return one optimizer step's speed per algorithm vs PyTorch (``bench_train``)."""
-    from dag_jax import bench_train as bt
+    from dag_jax.bench import train_step as bt
 
     return bt.bench_train(settings)
 
 
 def bench_dbterms(settings: Settings) -> list[dict]:
     """Return the per-step parts of the DB residual in the tiny world (``bench_dbterms``)."""
-    from dag_jax import bench_dbterms as bd
+    from dag_jax.bench.probes import dbterms as bd
 
     return bd.bench_dbterms(settings)
 
 
 def bench_ascent(settings: Settings) -> list[dict]:
-    """Return the policy-gradient line search of the tiny world (``dag_jax.bench_ascent``)."""
-    from dag_jax import bench_ascent
+    """Return the policy-gradient line search of the tiny world (``probes.ascent``)."""
+    from dag_jax.bench.probes import ascent as bench_ascent
 
     return bench_ascent.bench_ascent(settings)
 
 
 def bench_ops(settings: Settings) -> list[dict]:
-    """Return per-op milliseconds, dag_jax vs PyTorch (``dag_jax.bench_ops``)."""
-    from dag_jax import bench_ops
+    """Return per-op milliseconds, dag_jax vs PyTorch (``dag_jax.bench.ops``)."""
+    from dag_jax.bench import ops as bench_ops
 
     return bench_ops.bench_ops(settings)
 
@@ -736,7 +738,7 @@ def main(argv):
     run(argv[1], settings_from_flags())
 
 
-if __name__ == "__main__":
-    hostmem.preload_tcmalloc()
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
     define_flags()
     app.run(main)

@@ -1,6 +1,6 @@
 """Plot runs against each other: reward vs unique trajectories, and reward vs diversity.
 
-    python -m dag_jax.plot RUN [RUN ...] --out=DIR [--split=test] [--diversity=vendi]
+    python -m dag_jax.eval.plot RUN [RUN ...] --out=DIR [--split=test] [--diversity=vendi]
 
 Writes into DIR (matplotlib, Agg backend; ``pip install "dag_jax[plot]"``):
 
@@ -8,7 +8,7 @@ Writes into DIR (matplotlib, Agg backend; ``pip install "dag_jax[plot]"``):
   of ``metrics.jsonl``, a shaded band) against the number of *unique* trajectories it has
   sampled (``unique_trajectories``), all runs on one axis (DAG Fig. 3–4, DDPO Fig. 4);
 - ``reward_vs_diversity.png``: one point per evaluation (``RUN/eval/*/eval.json``, written by
-  ``python -m dag_jax.evaluate``): the run's reward (mean ± std on ``--split``, "test" falling
+  ``python -m dag_jax.eval``): the run's reward (mean ± std on ``--split``, "test" falling
   back to "train" when a run has no test split) against a diversity measure (``--diversity``:
   ``vendi``, ``pairwise`` or ``frechet`` to the base model); checkpoints of one run are joined
   in step order, the base model is a black cross.
@@ -87,7 +87,7 @@ def _values(records: list[dict], key: str) -> list[float]:
 
 def plot_reward_vs_trajectories(runs: Sequence[Path], out: Path) -> Path | None:
     """Write reward_vs_trajectories.png; return its path (None when no run has metrics)."""
-    from dag_jax.metrics import read_metrics
+    from dag_jax.infra.metrics import read_metrics
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -140,7 +140,7 @@ def plot_reward_vs_diversity(
     for run, label in zip(runs, labels_of(runs)):
         evals = read_evals(run)
         if not evals:
-            print(f"{run}: no eval/*/eval.json (run python -m dag_jax.evaluate)", file=sys.stderr)
+            print(f"{run}: no eval/*/eval.json (run python -m dag_jax.eval)", file=sys.stderr)
         for ev in (e for e in evals if e.get("base")):
             p = _point(ev, split, diversity)
             key = (ev.get("model"), p)
@@ -176,7 +176,7 @@ def _save(fig, plt, path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m dag_jax.plot", description=__doc__.split("\n")[0]
+        prog="python -m dag_jax.eval.plot", description=__doc__.split("\n")[0]
     )
     parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs")

@@ -6,7 +6,7 @@
 Trains the ``:demo`` variant of each task's config (``configs/<task>.py:demo``: the built-in
 tiny world, its captions, ``jpeg_compressibility`` or ``tiny_clipscore``) with each algorithm
 and seed, in a fresh workdir under ``--workdir`` (default: a temporary folder), then evaluates
-the final checkpoint and the base model with ``dag_jax.evaluate`` on the same noise
+the final checkpoint and the base model with ``dag_jax.eval.evaluate`` on the same noise
 (``EVAL_PROMPTS`` prompts of each split × ``EVAL_SEEDS`` images; the base model is sampled
 once per task and reused). Records, per split ``train`` / ``test`` (held-out captions):
 
@@ -61,7 +61,8 @@ def base_world(config):
     """Return (mesh, model, trainable, phases) of ``config``'s base model (LoRA at its init)."""
     import jax
 
-    from dag_jax import parallel, train
+    from dag_jax import train
+    from dag_jax.infra import parallel
 
     mesh = parallel.make_mesh(-1, 1)
     model = train.load_model(config, mesh)
@@ -79,7 +80,7 @@ EVAL_SEED = 0
 def run_one(task: str, algo: str, seed: int, workdir: Path, epochs: int = 0) -> dict:
     """Train one demo run in ``workdir``; return its training summary (metrics.jsonl)."""
     from dag_jax import train
-    from dag_jax.metrics import read_metrics
+    from dag_jax.infra.metrics import read_metrics
 
     config = demo_config(task, algo, seed, epochs)
     t0 = time.time()
@@ -103,7 +104,7 @@ def evaluate_run(workdir: Path, base_eval: Path | None) -> dict:
     """
     import shutil
 
-    from dag_jax import evaluate
+    from dag_jax.eval import evaluate
 
     out = workdir / "eval"
     if base_eval is not None and (base_eval / evaluate.BASE_TAG).is_dir():
@@ -134,8 +135,8 @@ def evaluate_run(workdir: Path, base_eval: Path | None) -> dict:
 
 
 def bench_tinyworld(settings) -> list[dict]:
-    """Return ``dag_jax.bench`` records for every (task, algorithm, seed) of ``settings``."""
-    from dag_jax.bench import machine_info, record
+    """Return ``dag_jax.bench.common`` records for every (task, algorithm, seed) of ``settings``."""
+    from dag_jax.bench.common import machine_info, record
 
     tasks = [t for t in settings.tasks.split(",") if t]
     algos = [a for a in settings.algos.split(",") if a]

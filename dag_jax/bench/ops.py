@@ -182,14 +182,14 @@ def torch_fns(op, arrays):
 
 def median_ms(fn, repeats: int, warmup: int) -> float:
     """Return the median wall milliseconds of ``fn()`` (which blocks) after ``warmup`` calls."""
-    from dag_jax import bench
+    from dag_jax.bench import common as bench
 
     return float(np.median(bench.timed_runs({"fn": fn}, repeats, warmup)["fn"]) * 1e3)
 
 
 def op_records(op, settings, impls, base: dict) -> list[dict]:
     """Return the records of one op for each impl (and their agreement)."""
-    from dag_jax import bench
+    from dag_jax.bench import common as bench
 
     arrays = op_inputs(op, settings.seed)
     cfg = dict(base, op=op.name, shape=dataclasses.astuple(op)[:-1], where=op.where)
@@ -225,7 +225,7 @@ def op_records(op, settings, impls, base: dict) -> list[dict]:
 
 def bench_ops(settings, ops=OPS) -> list[dict]:
     """Return fwd/grad milliseconds of each op, dag_jax vs PyTorch (when installed)."""
-    from dag_jax import bench
+    from dag_jax.bench import common as bench
 
     impls = settings.impls()
     missing = bench.torch_missing() if "torch_ref" in impls else None

@@ -22,7 +22,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 from flax import traverse_util
 
-from dag_jax import bench_torch
+from dag_jax.bench import torch_ref as bench_torch
 from dag_jax.models.flow import FlowConfig
 from dag_jax.weights.convert import linen_to_torch, torch_key
 

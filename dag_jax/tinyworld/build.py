@@ -1,6 +1,6 @@
-"""Pretrain and write the built-in tiny text-to-image world (shipped in ``dag_jax/assets``).
+"""Pretrain and write the built-in tiny text-to-image world (``tinyworld/assets``).
 
-    python -m dag_jax.pretrain_tiny --workdir=runs/pretrain_tiny --out=dag_jax/assets
+    python -m dag_jax.tinyworld --workdir=runs/pretrain_tiny --out=dag_jax/tinyworld/assets
 
 Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet, judge; about
 an hour on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import hostmem, xla_cpu
+from dag_jax.infra import xla_cpu
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.tinyworld import bpe, models, pretrain, shapes
@@ -232,7 +232,9 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", "runs/pretrain_tiny", "where stages are kept between runs")
-    flags.DEFINE_string("out", "dag_jax/assets", "where tiny_sd/ and tiny_clip/ are written")
+    flags.DEFINE_string(
+        "out", "dag_jax/tinyworld/assets", "where tiny_sd/ and tiny_clip/ are written"
+    )
     flags.DEFINE_integer("seed", 0, "seed of every stage")
     flags.DEFINE_float("scale", 1.0, "multiply every stage's steps (tests use tiny values)")
     flags.DEFINE_bool("restart", False, "retrain every stage even if the workdir has it")
@@ -269,9 +271,9 @@ def main(argv) -> None:
     print(json.dumps(report, indent=2))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
     from absl import app
 
-    hostmem.preload_tcmalloc()
     define_flags()
     app.run(main)

@@ -1,0 +1,1 @@
+"""Under the training system: mesh and shardings, checkpoints, metrics, opt-in CPU tuning."""

@@ -1,0 +1,51 @@
+"""``python -m dag_jax.train --config=configs/X.py --workdir=DIR``."""
+
+from __future__ import annotations
+
+import logging
+
+from dag_jax import rewards
+from dag_jax.train.config import ConfigError
+from dag_jax.train.loop import train_and_evaluate
+from dag_jax.train.update import NonFiniteLoss
+
+log = logging.getLogger("dag_jax.train")
+
+# --------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+    """Define --config (ml_collections config file with overrides) and --workdir."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file, e.g. configs/aesthetic.py:tiny", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, samples)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    """absl entry point."""
+    from absl import flags
+
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = flags.FLAGS.config
+    try:
+        train_and_evaluate(cfg, flags.FLAGS.workdir)
+    except (ConfigError, rewards.RewardError, NonFiniteLoss, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def cli() -> None:
+    """Console entry point: parse the flags and run ``main``."""
+    from absl import app
+
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

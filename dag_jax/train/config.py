@@ -1,0 +1,166 @@
+"""Config checks before anything is built: known keys, choices, sizes that divide."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from dag_jax import rewards
+from dag_jax.algos.transitions import (
+    states_are_shared,
+)
+from dag_jax.diffusion.schedule import Schedule
+
+log = logging.getLogger("dag_jax.train")
+
+ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
+DAG_BASELINES = ("rows", "step")
+FL_SOURCES = ("current", "sampling")
+B2_BASELINES = ("prompt", "prefix")
+GROUP_SCALES = ("group", "pooled")
+
+
+class ConfigError(ValueError):
+    """The config names something that does not exist or cannot work together."""
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Return configs/base.py's defaults (the set of keys a config may have)."""
+    import runpy
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+    if base.exists():
+        return runpy.run_path(str(base))["get_config"]()
+    return None
+
+
+def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict) and k not in ("options",):
+            out.update(_flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise ConfigError naming the first problem, before anything is built or compiled."""
+    default = default_config()
+    if default is not None:
+        unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(default)))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    if config.algo not in ALGOS:
+        raise ConfigError(f"config.algo must be one of {ALGOS}, got {config.algo!r}")
+    if config.b2.objective not in B2_OBJECTIVES:
+        raise ConfigError(f"config.b2.objective must be one of {B2_OBJECTIVES}")
+    if config.reward.name not in rewards.names():
+        raise ConfigError(
+            f"unknown reward {config.reward.name!r}; known rewards: {', '.join(rewards.names())}"
+        )
+    model = str(config.model)
+    if model not in ("random-tiny", "tiny") and (
+        model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
+    ):
+        if not Path(model).expanduser().exists():
+            raise ConfigError(f"config.model: no such folder {model!r}")
+    c = config
+    _divides("sample.chunk", c.sample.chunk, "the device count", num_devices)
+    _divides("train.micro_batch", c.train.micro_batch, "the device count", num_devices)
+    if c.algo == "b2":
+        _divides("b2.prefixes", c.b2.prefixes, "the device count", num_devices)
+        if not 1 <= c.b2.low <= c.b2.high <= c.sample.steps:
+            raise ConfigError(
+                f"need 1 <= b2.low ({c.b2.low}) <= b2.high ({c.b2.high}) <= "
+                f"sample.steps ({c.sample.steps})"
+            )
+    else:
+        _divides("sample.trajectories", c.sample.trajectories, "sample.chunk", c.sample.chunk)
+        if c.sample.group < 1:
+            raise ConfigError(f"sample.group must be >= 1, got {c.sample.group}")
+        _divides("sample.trajectories", c.sample.trajectories, "sample.group", c.sample.group)
+        _divides(
+            "sample.trajectories",
+            c.sample.trajectories,
+            "train.trajectories_per_step",
+            c.train.trajectories_per_step,
+        )
+    if c.b2.baseline not in B2_BASELINES:
+        raise ConfigError(f"config.b2.baseline must be one of {B2_BASELINES}")
+    if c.dag.baseline not in DAG_BASELINES:
+        raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
+    if c.dag.fl_source not in FL_SOURCES:
+        raise ConfigError(
+            f"config.dag.fl_source must be one of {FL_SOURCES}, got {c.dag.fl_source!r}"
+        )
+    if c.ddpo.group_scale not in GROUP_SCALES:
+        raise ConfigError(f"config.ddpo.group_scale must be one of {GROUP_SCALES}")
+    if objective_of(c) == "dag_kl" or step_baseline(c):
+        if c.dag.baseline_group < 2:
+            raise ConfigError(f"dag.baseline_group must be >= 2, got {c.dag.baseline_group}")
+        _divides(
+            "train.micro_batch", c.train.micro_batch, "dag.baseline_group", c.dag.baseline_group
+        )
+    if step_baseline(c):  # windows must split into whole blocks of trajectories
+        g = c.dag.baseline_group
+        _divides(
+            "train.trajectories_per_step", c.train.trajectories_per_step, "dag.baseline_group", g
+        )
+        if c.algo == "b2":
+            _divides(
+                "b2.prefixes × b2.branches", c.b2.prefixes * c.b2.branches, "dag.baseline_group", g
+            )
+        else:
+            _divides("sample.trajectories", c.sample.trajectories, "dag.baseline_group", g)
+    if c.train.epochs < 1:
+        raise ConfigError("train.epochs must be >= 1")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not Path(model).exists()
+
+
+def _divides(name: str, value: int, what: str, by: int) -> None:
+    if by <= 0 or value <= 0 or value % by:
+        raise ConfigError(f"config {name}={value} is not divisible by {what} ({by})")
+
+
+def step_baseline(c) -> bool:
+    """Return whether a DAG objective takes its baselines over step groups (``dag.baseline``)."""
+    return objective_of(c).startswith("dag") and c.dag.baseline == "step"
+
+
+def trajectory_group(c) -> int:
+    """Return how many consecutive trajectories of an epoch share prompt and x_T (or prefix)."""
+    return c.b2.branches if c.algo == "b2" else c.sample.group
+
+
+def objective_of(c) -> str:
+    """Return the loss an algo trains with (B² has its own choice)."""
+    return c.b2.objective if c.algo == "b2" else c.algo
+
+
+def fl_from_sampling(c) -> bool:
+    """Return whether DAG's forward-looking x̂₀ come from the sampling pass (``dag.fl_source``)."""
+    return objective_of(c).startswith("dag") and c.dag.fl_source == "sampling"
+
+
+def flow_per_state(c, schedule: Schedule, start: int, num_steps: int) -> bool:
+    """Return whether a window of steps [start, start + num_steps) computes F̃ once per state.
+
+    DAG objectives with ``dag.flow_once_per_state``, where the states chain exactly
+    (``transitions.states_are_shared``); otherwise F̃ is evaluated per row, as released.
+    """
+    if not (objective_of(c).startswith("dag") and c.dag.flow_once_per_state):
+        return False
+    return states_are_shared(schedule, start, num_steps)

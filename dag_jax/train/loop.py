@@ -1,0 +1,200 @@
+"""Train: ``python -m dag_jax.train --config=configs/imagereward.py --workdir=DIR``.
+
+One epoch (one B² stage) reads top to bottom:
+
+  1. sample   trajectories of the current policy (``sample.trajectories`` per epoch, in compiled
+              chunks; B²: prefixes to the interval start, then ``b2.branches`` branches each);
+  2. reward   the final images (a jitted JAX reward, or a host reward on the gathered images);
+  3. advantages / selection   DDPO: per-prompt standardisation (or within ``sample.group``);
+              B²: z-scores against the prompt's history (or within each prefix) and best/worst
+              selection; DAG: none (the reward enters through the flow);
+  4. update   per window of ``train.trajectories_per_step`` trajectories: (DAG) forward-looking
+              rewards of every state with the current θ, then all the window's transitions,
+              shuffled (``dag.baseline=step``: in blocks of one step of a trajectory group), in
+              micro-batches whose gradients are accumulated into one AdamW update (DAG: F̃ of
+              every state once at the window's start, and φ's gradient as one VJP over the
+              states at its end, ``dag.flow_once_per_state``);
+  5. log and checkpoint.
+
+Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
+sample indices, so any mesh shape and any restart gives the same numbers. Workdir contents:
+see README.md ("The workdir").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from dag_jax.algos import b2, dag
+from dag_jax.algos.stats import PerPromptStatTracker
+from dag_jax.infra import parallel, xla_cpu
+from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.infra.metrics import MetricsWriter, ProgressLine
+from dag_jax.train.collect import Collected, collect, collect_b2
+from dag_jax.train.config import validate
+from dag_jax.train.phases import build_phases
+from dag_jax.train.run import init_trainable, load_model, make_tx, put_batch
+from dag_jax.train.state import LoopState
+from dag_jax.train.update import train_on
+
+log = logging.getLogger("dag_jax.train")
+
+# --------------------------------------------------------------------------- the run
+
+
+def num_epochs(config) -> int:
+    """Return the number of epochs (B²: stages) of the run."""
+    return config.b2.stages if config.algo == "b2" else config.train.epochs
+
+
+def write_grid(model, phases, config, mesh, state, writer) -> None:
+    """Write a sample grid of fixed prompts × seeds (η = 0) to the workdir."""
+    c = config
+    p = min(c.log.grid_prompts, len(model.prompts))
+    n = p * c.log.grid_seeds
+    pidx = np.repeat(np.arange(p), c.log.grid_seeds)
+    ids = put_batch(mesh, model.prompt_ids[pidx], batch_axis=False)
+    idx = put_batch(mesh, np.arange(n, dtype=np.int32), batch_axis=False)
+    images = parallel.gather(phases.grid(model.frozen, state.trainable, ids, idx))
+    writer.write_images(state.epoch, "grid", np.asarray(images), rows=p)
+
+
+class _Preemption:
+    """Remembers a SIGTERM (TPU preemption) so the loop can save and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping after the current window")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopState:
+    """Run (or resume) the training run of ``config`` in ``workdir``; return the final state."""
+    parallel.initialize_distributed()
+    xla_cpu.tune_for_cpu()
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    validate(config, mesh.size)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = load_model(config, mesh)
+    key = jax.random.key(config.seed)
+    # committed, replicated from the start: the arrays the jitted phases return look the same,
+    # so epoch 2 reuses epoch 1's programs instead of compiling them again
+    replicate_ = functools.partial(replicate, mesh)
+    trainable = replicate_(init_trainable(model, config, jax.random.fold_in(key, 1 << 31)))
+    tx = make_tx(config, trainable)
+    state = LoopState(
+        epoch=0,
+        trainable=trainable,
+        opt_state=replicate_(tx.init(trainable)),
+        tracker=PerPromptStatTracker(config.ddpo.tracker_buffer, config.ddpo.tracker_min_count),
+        history=b2.RewardHistory(config.b2.history),
+    )
+    phases = build_phases(model, config, tx)
+    total = num_epochs(config)
+    with Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep) as ckpt:
+        restored = ckpt.restore({"trainable": state.trainable, "opt_state": state.opt_state})
+        if restored is not None:
+            _, arrays, extra = restored
+            state.trainable, state.opt_state = arrays["trainable"], arrays["opt_state"]
+            state.load_extra(extra)
+            log.info("resumed from epoch %d in %s", state.epoch, workdir)
+        writer = MetricsWriter(workdir)
+        writer.truncate_after(state.epoch)  # drop lines of epochs the checkpoint does not hold
+        progress = ProgressLine(total, start_epoch=state.epoch)
+        saved_epoch = state.epoch
+        with _Preemption() as preempt:
+            while state.epoch < total and not preempt.requested:
+                start_state = (state.trainable, state.opt_state, state.extra())
+                t0 = time.time()
+                ekey = jax.random.fold_in(key, state.epoch)
+                gather = collect_b2 if config.algo == "b2" else collect
+                data = gather(model, phases, config, mesh, state, ekey)
+                beta = dag.annealed_beta(
+                    config.dag.beta, state.epoch, total, config.dag.anneal_fraction
+                )
+                updates = train_on(model, phases, config, mesh, state, data, beta)
+                if preempt.requested:  # the epoch is incomplete: keep its start
+                    state.trainable, state.opt_state, extra = start_state
+                    state.load_extra(extra)
+                    break
+                state.trajectories_seen += int(data.rewards.size)
+                state.unique_trajectories += int(data.unique)
+                state.epoch += 1
+                scalars = epoch_scalars(state, data, updates, beta, time.time() - t0)
+                writer.write_scalars(state.epoch, scalars)
+                line = progress.update(
+                    state.epoch,
+                    scalars["reward_mean"],
+                    scalars["reward_std"],
+                    scalars["loss"],
+                    int(data.rewards.size),
+                )
+                if jax.process_index() == 0:
+                    print(line, flush=True)
+                if config.log.grid_every_epochs and state.epoch % config.log.grid_every_epochs == 0:
+                    write_grid(model, phases, config, mesh, state, writer)
+                if state.epoch % config.checkpoint.every_epochs == 0 or state.epoch == total:
+                    ckpt.save(state.epoch, state_arrays(state), state.extra())
+                    saved_epoch = state.epoch
+            if saved_epoch != state.epoch:
+                ckpt.save(state.epoch, state_arrays(state), state.extra())
+            ckpt.wait_until_finished()
+        writer.close()
+    return state
+
+
+def replicate(mesh, tree):
+    """Return ``tree`` as arrays replicated over ``mesh``."""
+    rep = parallel.replicated(mesh)
+    return parallel.put(tree, jax.tree.map(lambda _: rep, tree))
+
+
+def state_arrays(state: LoopState) -> dict:
+    return {"trainable": state.trainable, "opt_state": state.opt_state}
+
+
+def epoch_scalars(state: LoopState, data: Collected, updates: list[dict], beta, seconds) -> dict:
+    """Return the metrics.jsonl record of an epoch."""
+    out = {
+        "epoch": state.epoch,
+        "optimizer_updates": state.updates,
+        "trajectories_seen": state.trajectories_seen,
+        "unique_trajectories": state.unique_trajectories,
+        "reward_mean": float(np.mean(data.rewards)),
+        "reward_std": float(np.std(data.rewards)),
+        "beta": float(beta),
+        "epoch_updates": len(updates),
+        "trained_fraction": float(np.mean(data.weight > 0)),
+        "epoch_seconds": float(seconds),
+        "trajectories_per_s": float(data.rewards.size / max(seconds, 1e-9)),
+    }
+    keys = sorted({k for u in updates for k in u})
+    for k in keys:
+        out[k] = float(np.mean([u[k] for u in updates if k in u]))
+    out.setdefault("loss", float("nan"))
+    return out

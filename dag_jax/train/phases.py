@@ -1,0 +1,223 @@
+"""The compiled phases of a run: sampling, B² prefixes and branches, FL rewards, grad steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dag_jax.algos import dag, ddpo
+from dag_jax.algos.transitions import (
+    Transitions,
+    row_flows,
+    scatter_state_cotangents,
+)
+from dag_jax.diffusion.sampler import Trajectory, branch_rollout, rollout, sample_keys
+from dag_jax.train.config import fl_from_sampling, objective_of, step_baseline
+from dag_jax.train.run import Model
+
+log = logging.getLogger("dag_jax.train")
+
+
+@dataclasses.dataclass
+class Phases:
+    """The compiled functions of a run (built once; shapes are fixed by the config)."""
+
+    sample: Any
+    prefix: Any
+    branches: Any
+    fl_rewards: Any
+    grad_step: Any  # (trainable, frozen, batch, beta, grad_sum) -> (grad_sum, metrics)
+    apply: Any
+    grid: Any
+    reward: Any  # (reward params, images, prompt_idx) -> (B,) for JAX-native rewards
+    # DAG with F̃ once per state (``dag.flow_once_per_state``): F̃ of a window's states, the
+    # micro-batch step on those values (also returning per-state ∂L/∂F̃), φ's VJP over states
+    state_flows: Any = None  # (trainable, traj) -> (B, K)
+    grad_step_per_state: Any = None  # (… grad_sum, state_flow, rows, cotangent) -> (+ cotangent)
+    flow_grad: Any = None  # (trainable, state rows, cotangent, grad_sum) -> grad_sum
+
+
+def build_phases(model: Model, config, tx) -> Phases:
+    """Return the jitted phase functions, closed over the static model and config."""
+    c = config
+    objective = objective_of(c)
+    schedule = model.schedule
+    bound = model.reward.bound_with_params(model.prompts)
+    policy_kw = dict(guidance=c.sample.guidance, eta=c.sample.eta, reduction=c.dag.reduction)
+    if objective == "ddpo":
+        policy_kw["reduction"] = "mean"
+    keep = fl_from_sampling(c)  # rollouts keep x̂₀^cond of every state for the FL rewards
+
+    def context_of(frozen, ids):
+        return model.pipe.encode_text(frozen["text_encoder"], ids)
+
+    def initial(keys):
+        shape = model.latent_shape
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1 << 30), shape))(keys)
+
+    def images_of(frozen, latents):
+        return model.pipe.decode_images(frozen["vae"], latents)
+
+    def from_noise(
+        frozen, trainable, ids, keys, eta, num_steps=None, noise_keys=None, keep_x0_cond=False
+    ):
+        ctx = context_of(frozen, ids)
+        traj = rollout(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            initial(keys if noise_keys is None else noise_keys),
+            ctx,
+            model.uncond,
+            schedule,
+            keys,
+            guidance=c.sample.guidance,
+            eta=eta,
+            num_steps=num_steps,
+            reduction=policy_kw["reduction"],
+            keep_x0_cond=keep_x0_cond,
+        )
+        return traj, ctx
+
+    @jax.jit
+    def sample(frozen, trainable, ids, idx, ekey):
+        # sample.group consecutive trajectories share x_T (the key of their group's first
+        # index); every trajectory keeps its own step noise. group 1: x_T of its own key.
+        noise_keys = sample_keys(ekey, idx // c.sample.group * c.sample.group)
+        keys = sample_keys(ekey, idx)
+        traj, _ = from_noise(
+            frozen, trainable, ids, keys, c.sample.eta, noise_keys=noise_keys, keep_x0_cond=keep
+        )
+        return traj, images_of(frozen, traj.final)
+
+    @functools.partial(jax.jit, static_argnums=5)
+    def prefix(frozen, trainable, ids, idx, ekey, start):
+        keys = sample_keys(ekey, idx)
+        if start == 0:
+            return initial(keys), context_of(frozen, ids), keys
+        traj, ctx = from_noise(frozen, trainable, ids, keys, c.sample.eta, num_steps=start)
+        return traj.final, ctx, keys
+
+    @functools.partial(jax.jit, static_argnums=(5, 6))
+    def branches(frozen, trainable, x, ctx, keys, start, length):
+        traj = branch_rollout(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            x,
+            ctx,
+            model.uncond,
+            schedule,
+            keys,
+            c.b2.branches,
+            start=start,
+            num_steps=length,
+            guidance=c.sample.guidance,
+            eta=c.sample.eta,
+            reduction=policy_kw["reduction"],
+            keep_x0_cond=keep,
+        )
+        return traj, images_of(frozen, traj.final)
+
+    @jax.jit
+    def fl_rewards(frozen, trainable, reward_params, traj: Trajectory, prompt_idx):
+        if keep and traj.x0_cond is None:
+            raise ValueError("dag.fl_source='sampling' needs trajectories sampled with x0_cond")
+        k = traj.log_probs.shape[1]
+        alpha_t = schedule.alpha_t[traj.start : traj.start + k]
+        score = lambda x0: bound(reward_params, images_of(frozen, x0), prompt_idx)
+        return dag.forward_looking_rewards(
+            model.eps_fn,
+            model.policy_of(frozen, trainable),
+            traj.latents,
+            traj.timesteps,
+            alpha_t,
+            traj.context,
+            score,
+            schedule.prediction_type,
+            x0_cond=traj.x0_cond,  # kept by the sampler when dag.fl_source = "sampling"
+        )
+
+    def loss_fn(trainable, frozen, batch: Transitions, beta, flow_values=None):
+        params = {"policy": model.policy_of(frozen, trainable), "flow": trainable.get("flow")}
+        if "log_z" in trainable:
+            params["log_z"] = trainable["log_z"]
+        if flow_values is not None:
+            params["flow_values"] = flow_values
+        if objective == "ddpo":
+            d = c.b2 if c.algo == "b2" else c.ddpo
+            return ddpo.ddpo_loss(
+                model.eps_fn,
+                params["policy"],
+                batch,
+                model.uncond,
+                clip_range=d.clip_range,
+                adv_clip=d.adv_clip,
+                **policy_kw,
+            )
+        args = (model.eps_fn, model.flow_fn, params, batch, model.uncond, beta)
+        if objective == "dag_db":
+            return dag.db_loss(
+                *args,
+                reg_coef=c.dag.reg_coef,
+                baseline_group=c.dag.baseline_group if step_baseline(c) else 0,
+                **policy_kw,
+            )
+        return dag.kl_loss(
+            *args,
+            reg_coef=c.dag.reg_coef,
+            kl_coef=c.dag.kl_coef,
+            clip_range=c.dag.clip_range,
+            adv_clip=c.dag.adv_clip,
+            baseline_group=c.dag.baseline_group,
+            **policy_kw,
+        )
+
+    @jax.jit
+    def grad_step(trainable, frozen, batch, beta, grad_sum):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, batch, beta
+        )
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    @jax.jit
+    def state_flows(trainable, traj: Trajectory):
+        flow = trainable["flow"]
+        return dag.state_flows(model.flow_fn, flow, traj.latents, traj.timesteps, traj.context)
+
+    @jax.jit
+    def grad_step_per_state(trainable, frozen, batch, beta, grad_sum, state_flow, rows, cot):
+        grad = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)
+        values = row_flows(state_flow, rows)
+        (_, metrics), (grads, (g_t, g_s)) = grad(trainable, frozen, batch, beta, values)
+        cot = scatter_state_cotangents(cot, rows, g_t, g_s)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics, cot
+
+    @jax.jit
+    def flow_grad(trainable, states: Transitions, cotangent, grad_sum):
+        vjp = lambda flow: dag.flow_vjp_loss(model.flow_fn, flow, states, cotangent)
+        g = jax.grad(vjp)(trainable["flow"])
+        return {**grad_sum, "flow": jax.tree.map(jnp.add, grad_sum["flow"], g)}
+
+    @jax.jit
+    def apply(trainable, opt_state, grad_sum, count, finite):
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new = jax.tree.map(jnp.add, trainable, updates)
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        return keep(new, trainable), keep(new_opt, opt_state)
+
+    @jax.jit
+    def grid(frozen, trainable, ids, idx):
+        keys = sample_keys(jax.random.key(c.seed + 12345), idx)
+        traj, _ = from_noise(frozen, trainable, ids, keys, 0.0)
+        return images_of(frozen, traj.final)
+
+    phases = Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid, jax.jit(bound))
+    if objective.startswith("dag"):
+        phases.state_flows, phases.flow_grad = state_flows, flow_grad
+        phases.grad_step_per_state = grad_step_per_state
+    return phases
