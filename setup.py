@@ -24,7 +24,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
-        "clu>=0.0.12",
+        "etils[epath]>=1.5",
         "absl-py>=2.0",
         "safetensors>=0.4.3",
         "transformers>=4.40",
@@ -32,6 +32,7 @@ setup(
         "pillow>=10.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # PyTorch oracles for the tests. Install torch==2.14.1 and torchvision==0.29.1 first
@@ -46,8 +47,8 @@ setup(
             "pytorch-fid>=0.3",
             "ruff>=0.6",
             "matplotlib>=3.7",
+            "tensorboard>=2.14",
         ],
-        "tensorboard": ["tensorboardX>=2.6"],
         "plot": ["matplotlib>=3.7"],
     },
 )

@@ -20,7 +20,6 @@ nothing half-written, and an existing non-empty DIR is refused unless ``overwrit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -30,16 +29,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dag_jax import train
-from dag_jax.eval.evaluate import read_run_config
 from dag_jax.infra import parallel
-from dag_jax.infra.checkpoint import Checkpointer
-from dag_jax.models.lora import LoRAConfig, _pairs, merge
+from dag_jax.models.lora import LoRAConfig, merge, pairs
 from dag_jax.pipeline import Pipeline, save_pipeline
+from dag_jax.train.workdir import Run, restore_run
 from dag_jax.weights.convert import torch_key
 from dag_jax.weights.diffusers import AtomicDir
-
-log = logging.getLogger("dag_jax.export")
 
 FORMATS = ("pipeline", "lora")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -47,51 +42,22 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_ba
 UNET_PREFIX = "unet"  # StableDiffusionLoraLoaderMixin.unet_name
 
 
-@dataclasses.dataclass
-class TrainedRun:
-    """What export needs of a run: its base pipeline and the LoRA of one checkpoint."""
-
-    workdir: Path
-    step: int
-    pipe: Pipeline  # the base model (fp32 params), as the run loaded it
-    lora: dict  # Linen LoRA tree {..., "to_q": {"A": (in, r), "B": (r, out)}}, fp32 numpy
-    lora_config: LoRAConfig
-
-
 # --------------------------------------------------------------------------- reading a run
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None) -> TrainedRun:
-    """Return the base pipeline and the LoRA of checkpoint ``step`` (None: the latest) of a run.
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+    """Return the run of ``workdir`` (no prompts or reward) with checkpoint ``step`` restored.
 
-    The model and the restore template come from train.py's builders, driven by the run's
-    ``config.json``; prompts and reward are not loaded. Raises FileNotFoundError naming the
-    missing workdir, config.json or checkpoint (a missing ``step`` lists the available ones).
+    ``step`` None restores the latest; one device holds it all. Raises FileNotFoundError
+    naming the missing workdir, config.json or checkpoint (``train.workdir.restore_run``).
     """
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
-    config = read_run_config(workdir)
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
-    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
-        steps = ckpt.all_epochs()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {directory}")
-        if step is not None and step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint of step {step} in {directory}; available steps: {steps}"
-            )
-        mesh = parallel.make_mesh(devices=jax.devices()[:1])
-        model = train.load_model(config, mesh, task=False)
-        restored = ckpt.restore(train.checkpoint_template(model, config), epoch=step)
-    if restored is None:
-        raise FileNotFoundError(f"no readable checkpoint in {directory}")
-    epoch, arrays, _ = restored
-    lora = jax.tree.map(lambda a: np.asarray(a, np.float32), arrays["trainable"]["lora"])
-    log.info("restored the LoRA of step %d of %s", epoch, workdir)
-    return TrainedRun(workdir, epoch, model.pipe, lora, model.lora)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    return restore_run(workdir, step, task=False, mesh=mesh)
+
+
+def host_lora(run: Run) -> dict:
+    """Return the restored checkpoint's LoRA tree as fp32 host arrays."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), run.trainable["lora"])
 
 
 # --------------------------------------------------------------------------- writing
@@ -120,7 +86,7 @@ def save_merged_pipeline(
 
 def lora_modules(lora: Mapping) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """Return {Linen module path: (A (in, r), B (r, out))} of a LoRA tree, sorted by path."""
-    return {path: (np.asarray(a), np.asarray(b)) for path, (a, b) in _pairs(lora).items()}
+    return {path: (np.asarray(a), np.asarray(b)) for path, (a, b) in pairs(lora).items()}
 
 
 def lora_module_name(path: tuple[str, ...]) -> str:
@@ -190,7 +156,7 @@ def export_pipeline(
     """Write the run's model at ``step`` (None: latest) as a diffusers folder, LoRA merged."""
     refuse_non_empty(out, overwrite)
     run = load_run(workdir, step)
-    return save_merged_pipeline(run.pipe, run.lora, run.lora_config, out, overwrite)
+    return save_merged_pipeline(run.model.pipe, host_lora(run), run.model.lora, out, overwrite)
 
 
 def export_lora(
@@ -202,7 +168,7 @@ def export_lora(
     """Write the run's LoRA at ``step`` (None: latest) for diffusers' ``load_lora_weights``."""
     refuse_non_empty(out, overwrite)
     run = load_run(workdir, step)
-    return save_lora(run.lora, run.lora_config, out, overwrite)
+    return save_lora(host_lora(run), run.model.lora, out, overwrite)
 
 
 def export(

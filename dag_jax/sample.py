@@ -20,7 +20,7 @@ from absl import app, flags
 
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
-from dag_jax.infra import xla_cpu
+from dag_jax.infra import cpu_tuning
 from dag_jax.pipeline import Pipeline, load_pipeline
 from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
@@ -136,11 +136,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
     flags.DEFINE_string("out", "samples", "output folder for PNGs")
     flags.DEFINE_integer("grid_scale", 0, "also write grid.png (prompts × images), upscaled ×N")
+    cpu_tuning.define_flag()
 
 
 def main(argv):
     del argv
-    xla_cpu.tune_for_cpu()
+    cpu_tuning.apply_if_requested(FLAGS.cpu_tuning)
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.model == "random-tiny":
         pipe = random_tiny_pipeline(FLAGS.seed)

@@ -24,13 +24,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-from dag_jax.infra import hostmem, xla_cpu  # noqa: E402
+from dag_jax.infra import cpu_tuning  # noqa: E402
 from tests import tiny_world  # noqa: E402
 
-# Tests compute on the CPU with the CLIs' settings: XLA:CPU flags (set before any test creates
-# a backend; subprocesses inherit them) and freed host memory reused between jitted runs.
-xla_cpu.set_default_flags()
-hostmem.keep_freed_host_memory()
+# Tests compute on the CPU with the CLIs' --cpu_tuning settings, applied here explicitly (the
+# library never does): XLA:CPU flags (set before any test creates a backend; subprocesses
+# inherit them) and freed host memory reused between jitted runs.
+cpu_tuning.apply()
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,9 @@ def sd1(torch_sd1):
     import dag_jax
 
     return dag_jax.load_pipeline(torch_sd1[1])
+
+
+def pytest_configure(config):
+    """Register the ``slow`` marker (long end-to-end checks; CI runs them) unless registered."""
+    if not any(line.split(":")[0].strip() == "slow" for line in config.getini("markers")):
+        config.addinivalue_line("markers", "slow: a long end-to-end check (CI runs it)")

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from dag_jax.bench import common as bench
 from dag_jax.bench import reward as bench_reward
+from dag_jax.bench.__main__ import run
+from dag_jax.bench.common import RECORD_KEYS, Settings
 
 
 def test_reward_bench_writes_documented_records(tmp_path):
-    settings = bench.Settings(
+    settings = Settings(
         model="tiny",
         batch=2,
         repeats=1,
@@ -19,10 +20,10 @@ def test_reward_bench_writes_documented_records(tmp_path):
         reward="jpeg_compressibility,aesthetic",
         json=str(tmp_path / "reward.json"),
     )
-    returned = bench.run("reward", settings)
+    returned = run("reward", settings)
     records = json.loads((tmp_path / "reward.json").read_text())
     assert records == returned
-    assert all(set(r) == set(bench.RECORD_KEYS) for r in records)
+    assert all(set(r) == set(RECORD_KEYS) for r in records)
     assert {(r["bench"], r["impl"]) for r in records} == {("reward", "dag_jax")}
     got = {(r["config"]["reward"], r["metric"]) for r in records}
     assert got == {
@@ -44,8 +45,8 @@ def test_reward_names_and_skips(monkeypatch, capsys):
     with pytest.raises(ValueError, match="--reward must be"):
         bench_reward.reward_names("aesthetik")
     monkeypatch.delenv(bench_reward.BERTSCORE_URL_ENV, raising=False)
-    settings = bench.Settings(model="tiny", batch=1, repeats=1, warmup=0, reward="bertscore")
-    assert bench.run("reward", settings) == []
+    settings = Settings(model="tiny", batch=1, repeats=1, warmup=0, reward="bertscore")
+    assert run("reward", settings) == []
     assert "skipping bertscore" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--model must be one of"):
-        bench_reward.bench_reward(bench.Settings(model="sd14", reward="jpeg_compressibility"))
+        bench_reward.bench_reward(Settings(model="sd14", reward="jpeg_compressibility"))

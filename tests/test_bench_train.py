@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from dag_jax.bench import common as bench
+from dag_jax.bench.__main__ import run
+from dag_jax.bench.common import IMPLS, RECORD_KEYS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MEMORY = textwrap.dedent(
     """
     import sys
-    from dag_jax.bench import common as bench
-    settings = bench.Settings(
-        model="tiny", resolution=8, micro_batch=2, fsdp="1,2", json=sys.argv[1]
-    )
-    bench.run("memory", settings)
+    from dag_jax.bench.__main__ import run
+    from dag_jax.bench.common import Settings
+    settings = Settings(model="tiny", resolution=8, micro_batch=2, fsdp="1,2", json=sys.argv[1])
+    run("memory", settings)
     """
 )
 
@@ -39,7 +39,7 @@ def test_memory_bench_param_bytes_shrink_with_fsdp(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert all(set(r) == set(bench.RECORD_KEYS) for r in records)
+    assert all(set(r) == set(RECORD_KEYS) for r in records)
     assert {r["bench"] for r in records} == {"memory"} and {r["impl"] for r in records} == {
         "dag_jax"
     }
@@ -59,7 +59,7 @@ def test_memory_bench_param_bytes_shrink_with_fsdp(tmp_path):
 def test_train_bench_torch_ref_computes_the_same_loss(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    settings = bench.Settings(
+    settings = Settings(
         model="tiny",
         algos="ddpo,dag_db,dag_kl,b2",
         resolution=8,
@@ -69,19 +69,19 @@ def test_train_bench_torch_ref_computes_the_same_loss(tmp_path):
         repeats=1,
         json=str(tmp_path / "train.json"),
     )
-    returned = bench.run("train", settings)
+    returned = run("train", settings)
     records = json.loads((tmp_path / "train.json").read_text())
     assert records == returned
-    assert all(set(r) == set(bench.RECORD_KEYS) for r in records)
+    assert all(set(r) == set(RECORD_KEYS) for r in records)
     assert {r["impl"] for r in records} == {"dag_jax", "torch_ref"}
     value = {(r["impl"], r["metric"]): r["value"] for r in records}
     rates = ("step_s", "step_min_s", "transitions_per_s", "first_step_s", "mfu")
     for algo in ("ddpo", "dag_db", "dag_kl"):  # b2 is skipped: its step is ddpo's
-        for impl in bench.IMPLS:
+        for impl in IMPLS:
             assert all(value[(impl, f"{algo}/{m}")] > 0 for m in rates), (algo, impl)
         assert value[("dag_jax", f"{algo}/speedup_vs_torch_ref")] > 0
         assert value[("dag_jax", f"{algo}/check_loss_rel_diff")] < 1e-3, algo
-        jax_loss, torch_loss = (value[(i, f"{algo}/loss")] for i in bench.IMPLS)
+        jax_loss, torch_loss = (value[(i, f"{algo}/loss")] for i in IMPLS)
         assert jax_loss == pytest.approx(torch_loss, rel=1e-3, abs=1e-6), algo
     assert not any("b2/" in r["metric"] for r in records)
     by_algo = {r["config"]["algo"] for r in records}

@@ -18,10 +18,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from dag_jax import train
+from dag_jax import rewards, train
 from dag_jax.eval import evaluate as ev
 from dag_jax.eval import plot
+from dag_jax.infra import parallel
+from dag_jax.rewards.base import scorer
+from dag_jax.train.workdir import restore_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
@@ -183,8 +187,20 @@ def test_base_and_checkpoints_share_seeds_whatever_the_batch(
 
 
 def test_restoring_a_missing_step_names_the_available_ones(run_dir):
-    with pytest.raises(FileNotFoundError, match=r"epoch 7.*\[1, 2\]"):
-        ev.restore_run(run_dir, step=7)
+    with pytest.raises(FileNotFoundError, match=r"step 7 .*available steps: \[1, 2\]"):
+        restore_run(run_dir, step=7)
+
+
+def test_restore_run_rebuilds_the_task_and_the_checkpoint(run_dir):
+    run = restore_run(run_dir, step=1, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
+    assert run.step == 1 and run.extra["epoch"] == 1
+    assert run.model.prompts == list(tiny_config().prompts.inline) and run.model.reward
+    assert run.trainable.keys() == run.initial.keys() == {"lora"}
+    flat = lambda tree: traverse_util.flatten_dict(jax.device_get(tree))
+    trained, initial = flat(run.trainable["lora"]), flat(run.initial["lora"])
+    assert not any(initial[k].any() for k in initial if k[-1] == "B")  # the base model
+    assert any(trained[k].any() for k in trained if k[-1] == "B")  # it trained
+    assert run.tx.init(run.trainable) is not None
 
 
 def test_plot_cli_writes_both_pngs_for_two_runs(evaluated, run_dir, tmp_path, capsys):
@@ -199,17 +215,6 @@ def test_plot_cli_writes_both_pngs_for_two_runs(evaluated, run_dir, tmp_path, ca
         assert (tmp_path / "plots" / name).stat().st_size > 1000, name
     assert "wrote" in capsys.readouterr().out
     assert plot.main([str(run_dir), "--out", str(tmp_path / "p2"), "--diversity=frechet"]) == 0
-
-
-def test_read_run_config_fills_keys_an_older_run_lacks(tmp_path):
-    config = tiny_config().to_dict()
-    del config["train"]["max_nonfinite"], config["log"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = ev.read_run_config(tmp_path)
-    assert loaded.train.max_nonfinite == 5 and loaded.log.grid_seeds == 4
-    assert loaded.sample.steps == 2 and loaded.prompts.inline == tuple(config["prompts"]["inline"])
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        ev.read_run_config(tmp_path / "nope")
 
 
 def test_prompt_splits_hold_out_prompts():
@@ -267,3 +272,35 @@ def test_checkpointer_restores_a_chosen_epoch_without_abandoning_newer_ones(tmp_
         with pytest.raises(ValueError, match="already has"):
             ckpt.save(2, template, {})  # epoch 2 was not abandoned by the explicit restore
         assert ckpt.restore(template)[0] == 2
+
+
+def test_scorer_jits_jax_rewards_and_gives_host_rewards_the_prompt_strings():
+    prompts = ["a", "bbb", "cc"]
+    images = np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32)
+    idx = np.array([2, 0, 0, 1])
+    length = rewards.jax_reward(
+        "mean_plus_length",
+        lambda w, x, tokens: w * x.mean(axis=(1, 2, 3)) + tokens,
+        tokenize=lambda ps: np.array([len(p) for p in ps], np.float32),
+        params=np.float32(2.0),
+    )
+    got = scorer(length, prompts)(images, idx)
+    want = 2 * rewards.quantize(images).mean(axis=(1, 2, 3)) + np.array([2, 1, 1, 3])
+    assert got.dtype == np.float32 and got.shape == (4,)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(scorer(length, prompts)(images, jax.numpy.asarray(idx)), got)
+    calls = []
+    jitted = jax.jit(length.bound_with_params(prompts))
+    counted = lambda *args: calls.append(len(args)) or jitted(*args)
+    to_host = lambda x: calls.append("host") or np.asarray(x)
+    np.testing.assert_allclose(
+        scorer(length, prompts, jitted=counted, to_host=to_host)(images, idx), got
+    )
+    assert calls == [3, "host"]  # (params, images, idx), then the scores to the host
+
+    seen = []
+    host = rewards.host_reward("n_chars", lambda x, ps: seen.extend(ps) or [len(p) for p in ps])
+    got = scorer(host, prompts, to_host=to_host)(jax.numpy.asarray(images), idx)
+    assert seen == ["cc", "a", "a", "bbb"] and got.dtype == np.float32
+    np.testing.assert_array_equal(got, [2, 1, 1, 3])
+    assert calls[2:] == ["host", "host"]  # the indices and the images

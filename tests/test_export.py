@@ -245,8 +245,10 @@ def _flat(tree) -> dict:
 
 def test_load_run_restores_the_trained_lora(run, restored):
     final = run[2]
-    assert "flow" in final and restored.step == 1 and restored.lora_config.scale == 2.0
-    want, got = _flat(final["lora"]), _flat(restored.lora)
+    assert "flow" in final and restored.step == 1 and restored.model.lora.scale == 2.0
+    assert restored.mesh.size == 1 and restored.model.reward is None  # no task for export
+    want, got = _flat(final["lora"]), _flat(export.host_lora(restored))
+    assert all(v.dtype == np.float32 for v in got.values())
     assert want.keys() == got.keys()
     assert all(np.array_equal(want[k], got[k]) for k in want)
     assert any(np.abs(want[k]).max() > 0 for k in want if k[-1] == "B")  # it trained
@@ -308,7 +310,7 @@ def test_python_m_exports_the_lora_of_a_step(run, restored, tmp_path):
     with safe_open(str(out / export.LORA_WEIGHT_NAME), "np") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()[export.LORA_ADAPTER_METADATA_KEY])
-    want = export.lora_state_dict(restored.lora)
+    want = export.lora_state_dict(export.host_lora(restored))
     assert state.keys() == want.keys()
     assert all(np.array_equal(state[k], want[k]) for k in want)
     assert (meta["unet.r"], meta["unet.lora_alpha"]) == (cfg.lora.rank, cfg.lora.alpha)

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import struct
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
-from dag_jax.infra import metrics
 from dag_jax.infra.metrics import (
     MetricsWriter,
     ProgressLine,
     format_duration,
     format_progress,
     image_grid,
-    read_events,
     read_metrics,
-    read_tensorboard_scalars,
 )
 
 
@@ -36,14 +35,21 @@ def _strict_json(line: str) -> dict:
 
 
 def _event_files(workdir: Path) -> list[Path]:
+    """Return the TensorBoard event files in ``workdir``, in name order."""
     return sorted(workdir.glob("*tfevents*"))
+
+
+def _tensorboard(logdir: Path) -> event_accumulator.EventAccumulator:
+    """Return TensorBoard's own reader of ``logdir``, loaded, keeping every scalar and image."""
+    sizes = {event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
+    return event_accumulator.EventAccumulator(str(logdir), size_guidance=sizes).Reload()
 
 
 # ------------------------------------------------------------------------ metrics.jsonl
 
 
 def test_each_write_is_one_complete_strict_json_line(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         for step in (1, 2, 3):
             writer.write_scalars(
                 step,
@@ -74,7 +80,7 @@ def test_each_write_is_one_complete_strict_json_line(tmp_path):
 
 
 def test_non_finite_values_are_null_in_json_and_nan_when_read_back(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="builtin") as writer:
+    with MetricsWriter(tmp_path, process_index=0) as writer:
         written = writer.write_scalars(
             7, {"loss": float("nan"), "up": np.float32("inf"), "down": -math.inf, "ok": 1.5}
         )
@@ -87,14 +93,17 @@ def test_non_finite_values_are_null_in_json_and_nan_when_read_back(tmp_path):
     assert math.isnan(back["loss"]) and math.isnan(back["up"]) and back["ok"] == 1.5
     assert read_metrics(tmp_path, nan_for_null=False)[0]["loss"] is None
     # TensorBoard keeps the actual values
-    scalars = read_tensorboard_scalars(tmp_path)
-    assert math.isnan(scalars["loss"][0][1])
-    assert scalars["up"] == [(7, math.inf)] and scalars["down"] == [(7, -math.inf)]
+    board = _tensorboard(tmp_path)
+    (loss,) = board.Scalars("loss")
+    assert loss.step == 7 and math.isnan(loss.value)
+    assert [(e.step, e.value) for e in board.Scalars("up")] == [(7, math.inf)]
+    assert [(e.step, e.value) for e in board.Scalars("down")] == [(7, -math.inf)]
+    assert board.Scalars("ok")[0].value == 1.5
 
 
 def test_only_process_zero_writes(tmp_path):
     workdir = tmp_path / "run"
-    with MetricsWriter(workdir, process_index=1, tensorboard="builtin") as writer:
+    with MetricsWriter(workdir, process_index=1) as writer:
         assert writer.write_scalars(1, {"loss": 1.0}) is None
         assert writer.write_images(1, "samples", np.zeros((2, 4, 4, 3), np.uint8)) is None
         assert writer.truncate_after(0) == 0
@@ -103,7 +112,7 @@ def test_only_process_zero_writes(tmp_path):
 
 
 def test_bad_scalars_are_rejected(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         with pytest.raises(TypeError):
             writer.write_scalars(1, {"vector": np.ones(3)})
         with pytest.raises(TypeError):
@@ -114,7 +123,7 @@ def test_bad_scalars_are_rejected(tmp_path):
 
 
 def test_read_metrics_skips_a_truncated_last_line(tmp_path, caplog):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         writer.write_scalars(1, {"loss": 1.0})
         writer.write_scalars(2, {"loss": 0.5})
     path = tmp_path / "metrics.jsonl"
@@ -124,7 +133,7 @@ def test_read_metrics_skips_a_truncated_last_line(tmp_path, caplog):
     assert [r["step"] for r in read_metrics(path)] == [1, 2]  # the file itself works too
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     # a resumed run appends after the partial line, which then stays a line of its own
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         writer.write_scalars(3, {"loss": 0.25})
     with caplog.at_level(logging.WARNING, logger="dag_jax.infra.metrics"):
         records = read_metrics(tmp_path)
@@ -134,7 +143,7 @@ def test_read_metrics_skips_a_truncated_last_line(tmp_path, caplog):
 
 
 def test_truncate_after_drops_the_steps_a_resumed_run_redoes(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="none") as writer:
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         for step in range(1, 6):
             writer.write_scalars(step, {"loss": float(step)})
         assert writer.truncate_after(3) == 2
@@ -177,7 +186,7 @@ def test_image_grid_converts_floats_and_gray_images():
 
 def test_write_images_saves_a_png_grid(tmp_path):
     images = np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32)
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="builtin") as writer:
+    with MetricsWriter(epath.Path(tmp_path), process_index=0) as writer:
         path = writer.write_images(12, "eval/samples", images)
         grid_path = writer.write_images(13, "grid", image_grid(images, pad=0))
     assert path == tmp_path / "samples" / "eval_samples_000012.png"
@@ -187,111 +196,51 @@ def test_write_images_saves_a_png_grid(tmp_path):
         "eval_samples_000012.png",
         "grid_000013.png",
     ]
-    (event_file,) = _event_files(tmp_path)
-    images_logged = [
-        (e["step"], v) for e in read_events(event_file) for v in e["values"] if "image" in v
-    ]
-    assert [(step, v["tag"]) for step, v in images_logged] == [(12, "eval/samples"), (13, "grid")]
-    logged = images_logged[0][1]["image"]
-    assert (logged["height"], logged["width"], logged["colorspace"]) == (22, 22, 3)
-    decoded = Image.open(__import__("io").BytesIO(logged["encoded_image_string"]))
+    board = _tensorboard(tmp_path)
+    assert sorted(board.Tags()["images"]) == ["eval/samples", "grid"]
+    (logged,) = board.Images("eval/samples")
+    assert (logged.step, logged.height, logged.width) == (12, 22, 22)
+    decoded = Image.open(io.BytesIO(logged.encoded_image_string))
     np.testing.assert_array_equal(np.asarray(decoded), image_grid(images))
+    (logged,) = board.Images("grid")
+    assert (logged.step, logged.height, logged.width) == (13, 16, 16)
 
 
 # ------------------------------------------------------------------------ TensorBoard
 
 
-def test_crc32c_matches_the_standard_check_value():
-    assert metrics.crc32c(b"123456789") == 0xE3069283
-    assert metrics.crc32c(b"") == 0
-
-
-def test_builtin_event_file_reads_back(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="builtin") as writer:
-        assert writer.tensorboard_backend == "builtin"
+def test_tensorboard_scalars_read_back_with_tensorboard(tmp_path):
+    with MetricsWriter(str(tmp_path), process_index=0) as writer:
         for step in (1, 2, 3):
             writer.write_scalars(step, {"reward_mean": 0.1 * step, "loss": 2.0**-step})
     (event_file,) = _event_files(tmp_path)
     assert event_file.name.startswith("events.out.tfevents.")
-    events = read_events(event_file)
-    assert events[0]["file_version"] == "brain.Event:2" and events[0]["values"] == []
-    assert [e["step"] for e in events[1:]] == [1, 2, 3]
-    scalars = read_tensorboard_scalars(tmp_path)
-    assert [s for s, _ in scalars["reward_mean"]] == [1, 2, 3]
-    np.testing.assert_allclose([v for _, v in scalars["reward_mean"]], [0.1, 0.2, 0.3], rtol=1e-6)
-    assert [v for _, v in scalars["loss"]] == [0.5, 0.25, 0.125]
+    board = _tensorboard(tmp_path)
+    assert sorted(board.Tags()["scalars"]) == ["loss", "reward_mean"]
+    rewards = board.Scalars("reward_mean")
+    assert [e.step for e in rewards] == [1, 2, 3]
+    np.testing.assert_allclose([e.value for e in rewards], [0.1, 0.2, 0.3], rtol=1e-6)
+    assert [(e.step, e.value) for e in board.Scalars("loss")] == [(1, 0.5), (2, 0.25), (3, 0.125)]
 
 
-def test_event_reader_checks_crcs_and_tolerates_a_truncated_tail(tmp_path):
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="builtin") as writer:
+def test_a_resumed_run_adds_an_event_file_and_keeps_the_first(tmp_path):
+    with MetricsWriter(tmp_path, process_index=0) as writer:
         writer.write_scalars(1, {"loss": 1.0})
-        writer.write_scalars(2, {"loss": 2.0})
-    (event_file,) = _event_files(tmp_path)
-    raw = event_file.read_bytes()
-    event_file.write_bytes(raw[:-3])  # the last record cut short
-    assert [e["step"] for e in read_events(event_file)] == [0, 1]
-    garbled = bytearray(raw)
-    garbled[-8] ^= 0xFF  # a data byte of the last record
-    event_file.write_bytes(bytes(garbled))
-    with pytest.raises(ValueError, match="CRC"):
-        read_events(event_file)
+        writer.write_scalars(2, {"loss": 0.5})
+    with MetricsWriter(tmp_path, process_index=0) as writer:  # most likely within the second
+        writer.write_scalars(3, {"loss": 0.25})
+    assert len(_event_files(tmp_path)) == 2
+    loss = _tensorboard(tmp_path).Scalars("loss")
+    assert [(e.step, e.value) for e in loss] == [(1, 1.0), (2, 0.5), (3, 0.25)]
 
 
-def test_protobuf_encoding_of_negative_and_large_steps():
-    for step in (0, 1, 300, 2**40, -5):
-        event = metrics.decode_event(metrics.encode_event(1.5, step, scalars={"x": 2.0}))
-        assert event["step"] == step and event["wall_time"] == 1.5
-        assert event["values"] == [{"tag": "x", "simple_value": 2.0}]
-
-
-def test_builtin_events_parse_with_the_real_protobuf_schema(tmp_path):
-    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="builtin") as writer:
-        writer.write_scalars(5, {"reward_mean": 0.75, "loss": -2.5})
-        writer.write_images(5, "samples", np.zeros((2, 3, 3, 3), np.uint8))
-    (event_file,) = _event_files(tmp_path)
-    raw = event_file.read_bytes()
-    events = [event_pb2.Event.FromString(r) for r in metrics.iter_tfrecords(raw)]
-    assert events[0].file_version == "brain.Event:2"
-    assert events[1].step == 5
-    assert {v.tag: v.simple_value for v in events[1].summary.value} == {
-        "reward_mean": 0.75,
-        "loss": -2.5,
-    }
-    image = events[2].summary.value[0]
-    assert image.tag == "samples" and (image.image.height, image.image.width) == (7, 12)
-    # byte-identical to protobuf's own serialisation, and framed as tensorboardX frames it
-    records = list(metrics.iter_tfrecords(raw))
-    assert records == [e.SerializeToString() for e in events]
-    record_writer = pytest.importorskip("tensorboardX.record_writer")
-    for record in records:
-        header = struct.pack("<Q", len(record))
-        assert metrics.masked_crc32c(header) == record_writer.masked_crc32c(header)
-        assert metrics.masked_crc32c(record) == record_writer.masked_crc32c(record)
-
-
-def test_tensorboardx_files_read_back_with_the_builtin_reader(tmp_path):
-    pytest.importorskip("tensorboardX")
-    with MetricsWriter(tmp_path, process_index=0, tensorboard="tensorboardX") as writer:
-        assert writer.tensorboard_backend == "tensorboardX"
-        writer.write_scalars(1, {"loss": 0.5})
-        writer.write_scalars(2, {"loss": 0.25})
-        writer.write_images(2, "samples", np.zeros((1, 4, 4, 3), np.uint8))
-    assert read_tensorboard_scalars(tmp_path)["loss"] == [(1, 0.5), (2, 0.25)]
-
-
-def test_auto_backend_without_tensorflow_and_none(tmp_path):
-    with MetricsWriter(tmp_path / "auto", process_index=0) as writer:
-        expected = "clu" if metrics._importable("tensorflow") else None
-        if expected is None:
-            expected = "tensorboardX" if metrics._importable("tensorboardX") else "builtin"
-        assert writer.tensorboard_backend == expected
-    with MetricsWriter(tmp_path / "none", process_index=0, tensorboard="none") as writer:
+def test_tensorboard_off_writes_no_event_file(tmp_path):
+    with MetricsWriter(tmp_path, process_index=0, tensorboard=False) as writer:
         writer.write_scalars(1, {"loss": 1.0})
-        assert writer.tensorboard_backend is None
-    assert _event_files(tmp_path / "none") == []
-    with pytest.raises(ValueError, match="tensorboard"):
-        MetricsWriter(tmp_path, process_index=0, tensorboard="wandb")
+        writer.write_images(1, "grid", np.zeros((2, 4, 4, 3), np.uint8))
+    assert _event_files(tmp_path) == []
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0]
+    assert (tmp_path / "samples" / "grid_000001.png").exists()
 
 
 # ------------------------------------------------------------------------ progress line

@@ -16,7 +16,12 @@ import pytest
 from flax import traverse_util
 
 from dag_jax import train
+from dag_jax.algos.stats import group_advantages
 from dag_jax.infra import parallel
+from dag_jax.train import loop, objectives, update
+from dag_jax.train.phases import Context, build_phases
+from dag_jax.train.run import init_trainable, load_model, make_tx
+from dag_jax.train.state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +76,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tmp_path, algo, objectiv
     if objective.startswith("dag"):  # B²'s branch rollouts keep x̂₀^cond for the FL rewards
         cfg.dag.fl_source = "sampling"
     state = train.train_and_evaluate(cfg, str(tmp_path))
-    total = train.num_epochs(cfg)
+    total = loop.num_epochs(cfg)
     assert state.epoch == total
     rows = read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == list(range(1, total + 1))
@@ -110,8 +115,8 @@ def test_sample_grids_are_written(tmp_path):
 
 def test_flow_warmup_trains_the_flow_alone(tmp_path):
     cfg = tiny_config(algo="dag_db", train__epochs=1, dag__flow_warmup_epochs=1)
-    before = train.init_trainable(
-        train.load_model(cfg, parallel.make_mesh(1, 1), task=False),
+    before = init_trainable(
+        load_model(cfg, parallel.make_mesh(1, 1), task=False),
         cfg,
         jax.random.fold_in(jax.random.key(cfg.seed), 1 << 31),
     )
@@ -179,11 +184,15 @@ def test_the_cli_runs_a_tiny_config(tmp_path):
     assert bad.returncode != 0 and "learnig_rate" in bad.stderr
 
 
-def first_update(cfg, workdir: str) -> dict:
-    """Run one tiny epoch; return the first update's loss and mean gradient (flat numpy)."""
+def first_update(cfg, workdir: str, per_state: bool = True) -> dict:
+    """Run one tiny epoch; return the first update's loss and mean gradient (flat numpy).
+
+    ``per_state=False`` evaluates F̃ per row (on [x_t; x_s], the release's way) instead of
+    once per state where states chain.
+    """
     import dataclasses
 
-    real = train.build_phases
+    real, real_rule = loop.build_phases, update.flow_per_state
     seen = {}
 
     def recording(model, config, tx):
@@ -212,11 +221,12 @@ def first_update(cfg, workdir: str) -> dict:
             grad_step_per_state=phases.grad_step_per_state and recorded(phases.grad_step_per_state),
         )
 
-    train.build_phases = recording
+    loop.build_phases = recording
+    update.flow_per_state = real_rule if per_state else (lambda *args: False)
     try:
         train.train_and_evaluate(cfg, workdir)
     finally:
-        train.build_phases = real
+        loop.build_phases, update.flow_per_state = real, real_rule
     return seen
 
 
@@ -226,7 +236,13 @@ SHARDED = textwrap.dedent(
     from tests.test_train import first_update, tiny_config
     out = {}
     for data, fsdp in ((8, 1), (2, 4)):
-        cfg = tiny_config(algo="dag_db", train__epochs=1, mesh__data=data, mesh__fsdp=fsdp)
+        cfg = tiny_config(
+            algo="dag_db",
+            train__epochs=1,
+            mesh__data=data,
+            mesh__fsdp=fsdp,
+            dag__anchor_initial_flow=True,
+        )
         out[f"{data}x{fsdp}"] = first_update(cfg, f"{sys.argv[1]}/{data}x{fsdp}")
     json.dump(out, open(sys.argv[2], "w"))
     """
@@ -239,10 +255,10 @@ def test_the_first_update_is_the_same_on_every_mesh_and_either_flow_evaluation(t
     # order; parameters after Adam steps are not an elementwise-stable quantity.
     # "1x1 per row": F̃ on [x_t; x_s] with the gradient in every micro-batch, against the
     # default F̃ once per state (values in, per-state cotangents out, one VJP at the end).
-    single = first_update(tiny_config(algo="dag_db", train__epochs=1), str(tmp_path / "1x1"))
+    cfg = tiny_config(algo="dag_db", train__epochs=1, dag__anchor_initial_flow=True)
+    single = first_update(cfg, str(tmp_path / "1x1"))
     assert single["step"] == "grad_step_per_state"
-    per_row = tiny_config(algo="dag_db", train__epochs=1, dag__flow_once_per_state=False)
-    per_row = first_update(per_row, str(tmp_path / "per_row"))
+    per_row = first_update(cfg, str(tmp_path / "per_row"), per_state=False)
     assert per_row["step"] == "grad_step"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["JAX_PLATFORMS"] = "cpu"
@@ -298,22 +314,41 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path):
         train.train_and_evaluate(cfg, str(tmp_path / "stop"))
 
 
-def test_sigterm_keeps_the_last_complete_epoch(tmp_path, monkeypatch):
+def test_sigterm_keeps_the_last_complete_epoch_and_raises_preempted(tmp_path, monkeypatch):
     import signal
 
-    real = train.train_on
+    real = update.train_epoch
 
-    def preempted(model, phases, config, mesh, state, data, beta):
-        out = real(model, phases, config, mesh, state, data, beta)
-        if state.epoch == 1:  # during the second epoch
+    def preempted(ctx, state, data, beta, stop):
+        out = real(ctx, state, data, beta, stop)
+        if state.epoch == 1:  # after the second epoch's last window: that epoch completes
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train, "train_on", preempted)
-    state = train.train_and_evaluate(tiny_config(algo="ddpo"), str(tmp_path))
-    assert state.epoch == 1
-    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    monkeypatch.setattr(loop, "train_epoch", preempted)
+    with pytest.raises(train.Preempted, match="epoch 2"):
+        train.train_and_evaluate(tiny_config(algo="ddpo", train__epochs=3), str(tmp_path))
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == ["1", "2"]
+
+
+def test_sigterm_stops_at_the_next_update_window(tmp_path, monkeypatch):
+    import signal
+
+    real, windows = update.update_window, []
+
+    def signalled(ctx, state, data, window, beta):
+        windows.append(state.epoch)
+        if len(windows) == 1:  # during the first window of the first epoch (of two)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(ctx, state, data, window, beta)
+
+    monkeypatch.setattr(update, "update_window", signalled)
+    with pytest.raises(train.Preempted, match="epoch 0"):
+        train.train_and_evaluate(tiny_config(algo="ddpo"), str(tmp_path))
+    assert windows == [0]  # the epoch has two windows: the second never ran
+    assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path) == []
 
 
 def brightness_reward():
@@ -339,7 +374,7 @@ def test_a_jax_native_reward_runs_jitted_and_fl_source_sampling_scores_the_sampl
     from dag_jax import rewards
     from dag_jax.algos import dag
 
-    real, seen = train.build_phases, []
+    real, seen = loop.build_phases, []
 
     def recording(model, config, tx):
         phases = real(model, config, tx)
@@ -368,11 +403,11 @@ def test_a_jax_native_reward_runs_jitted_and_fl_source_sampling_scores_the_sampl
     rewards.register("brightness_for_tests", "tests.test_train:brightness_reward")
     cfg = tiny_config(algo="dag_db", train__epochs=1, reward__name="brightness_for_tests")
     cfg.dag.fl_source = "sampling"
-    train.build_phases = recording
+    loop.build_phases = recording
     try:
         state = train.train_and_evaluate(cfg, str(tmp_path))
     finally:
-        train.build_phases = real
+        loop.build_phases = real
     row = read_metrics(tmp_path)[-1]
     assert 0 < row["reward_mean"] <= 2.0 and np.isfinite(row["loss"])
     assert state.epoch == 1
@@ -385,39 +420,41 @@ def test_a_jax_native_reward_runs_jitted_and_fl_source_sampling_scores_the_sampl
 
 def test_group_advantages_standardise_within_each_group():
     r = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
-    adv = train.group_advantages(r, 3)
+    adv = group_advantages(r, 3)
     np.testing.assert_allclose(adv[:3], [-1.2247, 0.0, 1.2247], atol=1e-4)
     np.testing.assert_allclose(adv[3:], [-0.7071, -0.7071, 1.4142], atol=1e-4)
-    np.testing.assert_allclose(train.group_advantages(np.full(4, 5.0), 2), 0.0)
+    np.testing.assert_allclose(group_advantages(np.full(4, 5.0), 2), 0.0)
 
 
 def test_pooled_group_advantages_keep_the_groups_relative_spread():
     r = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.003])
-    adv = train.group_advantages(r, 3, "pooled")
+    adv = group_advantages(r, 3, "pooled")
     d = r.reshape(2, 3) - r.reshape(2, 3).mean(1, keepdims=True)
     np.testing.assert_allclose(adv, (d / np.sqrt(np.mean(d**2))).reshape(-1), rtol=1e-5)
     assert np.abs(adv[3:]).max() < 0.01  # a near-tie stays near zero
-    assert np.abs(train.group_advantages(r, 3)[3:]).max() > 0.7  # per group: unit-size noise
+    assert np.abs(group_advantages(r, 3)[3:]).max() > 0.7  # per group: unit-size noise
     assert np.mean(adv**2) == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="scale must be one of"):
-        train.group_advantages(r, 3, "batch")
+        group_advantages(r, 3, "batch")
 
 
 def _first_epoch(cfg):
-    """Return (mesh, model, phases, state) of a run at epoch 0 on one device."""
+    """Return (the run's context, its state at epoch 0) on one device."""
     mesh = parallel.make_mesh(1, 1)
-    model = train.load_model(cfg, mesh)
-    trainable = train.init_trainable(model, cfg, jax.random.key(0))
-    state = train.LoopState(epoch=0, trainable=trainable, opt_state=None)
-    return mesh, model, train.build_phases(model, cfg, train.make_tx(cfg, trainable)), state
+    model = load_model(cfg, mesh)
+    trainable = init_trainable(model, cfg, jax.random.key(0))
+    objective = objectives.get(cfg)
+    phases = build_phases(model, cfg, make_tx(cfg, trainable))
+    state = TrainState(trainable=trainable, opt_state=None, trackers=objective.trackers(cfg))
+    return Context(model, cfg, mesh, objective, phases), state
 
 
 @pytest.mark.parametrize("group", [1, 4])
 def test_sample_groups_share_prompt_and_initial_noise_only(group):
     cfg = tiny_config(algo="ddpo", sample__group=group)
-    mesh, model, phases, state = _first_epoch(cfg)
-    data = train.collect(model, phases, cfg, mesh, state, jax.random.key(3))
-    x_t = np.asarray(data.traj.latents[:, 0]).reshape(-1, group, *model.latent_shape)
+    ctx, state = _first_epoch(cfg)
+    data, _ = ctx.objective.collect(ctx, state, jax.random.key(3))
+    x_t = np.asarray(data.traj.latents[:, 0]).reshape(-1, group, *ctx.model.latent_shape)
     final = np.asarray(data.traj.latents[:, -1]).reshape(x_t.shape)
     prompts = data.prompt_idx.reshape(-1, group)
     assert (prompts == prompts[:, :1]).all()
@@ -428,17 +465,15 @@ def test_sample_groups_share_prompt_and_initial_noise_only(group):
     firsts = x_t[:, 0].reshape(x_t.shape[0], -1)
     assert len({r.tobytes() for r in firsts}) == x_t.shape[0]
     if group > 1:
-        np.testing.assert_allclose(
-            data.advantage, train.group_advantages(data.rewards, group), rtol=1e-6
-        )
+        np.testing.assert_allclose(data.advantage, group_advantages(data.rewards, group), rtol=1e-6)
 
 
 def test_b2_prefix_baseline_selects_each_prefix_best_and_worst_branch():
     cfg = tiny_config(algo="b2", b2__baseline="prefix", b2__branches=4, b2__threshold=0.5)
-    mesh, model, phases, state = _first_epoch(cfg)
-    data = train.collect_b2(model, phases, cfg, mesh, state, jax.random.key(3))
+    ctx, state = _first_epoch(cfg)
+    data, _ = ctx.objective.collect(ctx, state, jax.random.key(3))
     r = data.rewards.reshape(-1, 4)
-    z = train.group_advantages(data.rewards, 4).reshape(r.shape)  # z within each prefix
+    z = group_advantages(data.rewards, 4).reshape(r.shape)  # z within each prefix
     kept = data.weight.reshape(r.shape) > 0
     for row in range(r.shape[0]):  # the max of 4 standardised values is >= 0.5: best kept
         assert kept[row, np.argmax(r[row])] and kept[row, np.argmin(r[row])]

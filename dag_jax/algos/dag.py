@@ -236,18 +236,35 @@ def leave_one_out_mean(values: jax.Array, group: int) -> jax.Array:
     return ((jnp.sum(b, axis=1, keepdims=True) - b) / (n - 1)).reshape(values.shape)
 
 
-def leave_one_out_advantages(signal: jax.Array, group: int, clip: float = 5.0) -> jax.Array:
+def leave_one_out_advantages(
+    signal: jax.Array, group: int, clip: float = 5.0, present: jax.Array | None = None
+) -> jax.Array:
     """Return RLOO-normalised advantages over consecutive groups of ``group`` values (SPEC §5).
 
     m_i = (Σ_j b_j − b_i)/(n−1), u_i = b_i − m_i, v_i = (Σ_j u_j² − u_i²)/(n−1),
     A_i = clip(u_i / (√v_i + 1e-8), ±clip).
+
+    ``present`` (B,) bool, when given, leaves the other rows (padding, empty slots of
+    ``transitions.distinct_group_order``) out: the sums run over a group's present rows and
+    n is their count; absent rows, and a present row with no present peer, get advantage 0.
+    All present: the formulas above, bit for bit.
     """
     n = group
-    m = leave_one_out_mean(signal, n).reshape(-1, n)
-    u = signal.reshape(-1, n) - m
-    v = (jnp.sum(u**2, axis=1, keepdims=True) - u**2) / (n - 1)
+    if n < 2 or signal.shape[0] % n:
+        raise ValueError(f"baseline_group must be ≥ 2 and divide the batch {signal.shape[0]}")
+    b = signal.reshape(-1, n)  # (groups, n)
+    if present is None:
+        p = jnp.ones(b.shape, bool)
+    else:
+        p = present.reshape(-1, n).astype(bool)
+    b = jnp.where(p, b, 0.0)
+    peers = jnp.sum(p, axis=1, keepdims=True) - p  # present rows besides each row
+    denom = jnp.maximum(peers, 1).astype(b.dtype)
+    m = (jnp.sum(b, axis=1, keepdims=True) - b) / denom
+    u = jnp.where(p, b - m, 0.0)
+    v = (jnp.sum(u**2, axis=1, keepdims=True) - u**2) / denom
     adv = jnp.clip(u / (jnp.sqrt(jnp.maximum(v, 0.0)) + 1e-8), -clip, clip)
-    return adv.reshape(signal.shape)
+    return jnp.where(p & (peers > 0), adv, 0.0).reshape(signal.shape)
 
 
 def kl_loss(
@@ -271,7 +288,9 @@ def kl_loss(
     """Return (L_flow + κ·L_kl + λ_reg·reg, metrics): flow by DB with sg[log p], θ by REINFORCE.
 
     The per-transition signal is b = sg[log F(x_s) + log P_B − log p_θ − log F(x_t)] (= −Δ),
-    made into leave-one-out advantages over groups of ``baseline_group`` consecutive rows.
+    made into leave-one-out advantages over groups of ``baseline_group`` consecutive rows
+    (their rows of weight 0 left out). A group should hold one row per trajectory
+    (``transitions.distinct_group_order``): two rows of one trajectory bias the baseline.
     """
     log_p, log_pb, log_f_t, log_f_s, reg = _terms(
         eps_fn,
@@ -288,7 +307,8 @@ def kl_loss(
     sg = jax.lax.stop_gradient
     flow_residual = log_f_t + sg(log_p) - log_pb - log_f_s
     signal = sg(log_f_s + log_pb - log_p - log_f_t)
-    advantage = leave_one_out_advantages(signal, baseline_group, adv_clip)
+    # rows of weight 0 (padding, empty group slots) stay out of their group's baseline
+    advantage = leave_one_out_advantages(signal, baseline_group, adv_clip, batch.weight > 0)
     surrogate, ppo_metrics = ppo_surrogate(log_p, batch.log_prob, advantage, clip_range)
     loss = weighted_mean(flow_residual**2 + kl_coef * surrogate + reg_coef * reg, batch.weight)
     return loss, {

@@ -91,3 +91,23 @@ class PerPromptStatTracker:
             prompt_key(key): deque((float(r) for r in values), maxlen=self.buffer_size)
             for key, values in state["buffers"]
         }
+
+
+GROUP_SCALES = ("group", "pooled")
+
+
+def group_advantages(rewards: np.ndarray, group: int, scale: str = "group") -> np.ndarray:
+    """Return (N,) rewards standardised within consecutive groups of ``group``.
+
+    The groups of ``sample.group`` share their prompt and initial noise x_T, so the baseline
+    removes what x_T decides (most of a short sampler's reward variance) without bias: x_T is
+    not an action of the policy. Each group's mean is subtracted; ``scale`` "group" divides by
+    each group's own std (+ 1e-6), "pooled" by one std over every group's deviations (the
+    root mean square of the groups' stds, + 1e-6), which keeps the groups' relative spreads.
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
+    r = np.asarray(rewards, np.float64).reshape(-1, group)
+    d = r - r.mean(1, keepdims=True)
+    std = d.std(1, keepdims=True) if scale == "group" else np.sqrt(np.mean(d**2))
+    return (d / (std + 1e-6)).reshape(-1).astype(np.float32)

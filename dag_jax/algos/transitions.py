@@ -131,6 +131,60 @@ def step_group_order(
     return blocks[rng.permutation(len(blocks))].reshape(-1)
 
 
+EMPTY = -1  # a slot of ``distinct_group_order`` that holds no row
+
+
+def distinct_group_order(
+    num_trajectories: int, num_steps: int, group: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Return a row order of ``from_trajectory``'s rows (b·K + k) whose blocks of ``group`` rows
+    each hold rows of distinct trajectories; ``EMPTY`` (−1) marks slots that hold no row.
+
+    DAG-KL's leave-one-out groups with ``dag.baseline = "rows"`` (SPEC §5): in the release a
+    group is one micro-batch of 8 distinct trajectories, each at its own step. Built like the
+    release: the trajectories in random order, each one's K steps in an independent random
+    order, laid end to end (W·K rows) and dealt column by column into a (G, group) table,
+    G = max(⌈W·K / group⌉, K). A trajectory's K rows are K consecutive entries of the stream,
+    so they land in K different table rows (blocks) as K ≤ G. The blocks come in random order.
+
+    When ``group`` divides W (the released sizes) the blocks partition the trajectories into
+    sets of ``group``, each set giving K blocks, as the release's micro-batches do, and no slot
+    is empty. Otherwise (W·K not a multiple of ``group``, or W < ``group``: a ragged window)
+    the ``G·group − W·K`` empty slots take the stream's last positions, so each block holds
+    ⌊W·K/G⌋ or ⌈W·K/G⌉ rows (W < ``group``: W rows each); the caller gives empty slots weight
+    0 and the loss leaves them out of the baseline (``dag.leave_one_out_advantages``). A block
+    with a single row gets no baseline (advantage 0). Every row appears exactly once.
+    """
+    w, k = num_trajectories, num_steps
+    if group < 1 or w < 1 or k < 1:
+        raise ValueError(f"need group, trajectories and steps >= 1, got {group}, {w}, {k}")
+    steps = rng.permuted(np.tile(np.arange(k), (w, 1)), axis=1)  # (W, K) each row a permutation
+    stream = (rng.permutation(w)[:, None] * k + steps).reshape(-1)  # (W·K,) trajectory-major
+    blocks = max(-(-w * k // group), k)  # G
+    slots = np.full(blocks * group, EMPTY, np.int64)
+    slots[: stream.size] = stream
+    table = slots.reshape(group, blocks).T  # (G, group): block i = stream[c·G + i], c < group
+    return table[rng.permutation(blocks)].reshape(-1)
+
+
+def release_windows(
+    orders: list[np.ndarray], size: int, pair: int = 2
+) -> tuple[list[np.ndarray], int]:
+    """Return (the full windows of ``size`` trajectories cut from the passes' orders, the
+    number of trajectory slots dropped).
+
+    B²'s release (SPEC §7) batches each pass's shuffled samples ``pair`` (2) at a time,
+    dropping an odd last one (``range(0, n // 2 * 2, 2)``), and accumulates gradients over
+    ``size`` trajectories × their steps, stepping the optimizer only on a full window: the
+    passes form one stream (a pass's leftover joins the next pass's first window) and the
+    last partial window is dropped. A window that spans two passes may hold a trajectory twice.
+    """
+    stream = np.concatenate([o[: o.size - o.size % pair] for o in orders])
+    full = stream.size // size
+    windows = [stream[i * size : (i + 1) * size] for i in range(full)]
+    return windows, sum(o.size for o in orders) - full * size
+
+
 def states_are_shared(schedule: Schedule, start: int, num_steps: int) -> bool:
     """Return whether a trajectory's steps [start, start + K) chain state to state exactly.
 

@@ -1,13 +1,14 @@
-"""Per-op benchmark: ``python -m dag_jax.bench ops`` (see ``dag_jax/bench.py``).
+"""Per-op kernel times, dag_jax vs PyTorch: ``python -m dag_jax.bench ops``.
 
 The kernels a tiny-model step is made of, at the shapes it runs them, timed alone: dag_jax's
 formulation (``lax.conv_general_dilated`` as ``nn.Conv`` calls it, ``attention.
 dot_product_attention``, ``layers.GroupNorm``) against PyTorch's (``F.conv2d`` on oneDNN,
-``F.scaled_dot_product_attention``, ``F.group_norm``) on the same inputs. This is where a
-difference in a whole step comes from, so the per-op table in BENCHMARKS.md is reproducible:
+``F.scaled_dot_product_attention``, ``F.group_norm``: ``torch_ref_ops``) on the same inputs.
+This is where a difference in a whole step comes from, so the per-op table in BENCHMARKS.md is
+reproducible:
 
-    python -m dag_jax.bench ops --repeats=10
-    DAG_JAX_XLA_CPU_FLAGS=0 python -m dag_jax.bench ops --repeats=10   # XLA's default convs
+    python -m dag_jax.bench ops --repeats=10 --cpu_tuning   # Eigen convs (docs/cpu.md)
+    python -m dag_jax.bench ops --repeats=10                # XLA's default (YNNPACK) convs
 
 Records per op (``config["op"]``, ``config["shape"]``) and impl:
   OP/fwd_ms    median wall milliseconds of the forward
@@ -21,10 +22,19 @@ shapes are (B, L_q, L_k, heads, head dim); group norms (N, H, W, C, groups). fp3
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
+from dag_jax.bench.common import (
+    Settings,
+    cpu_count,
+    machine_info,
+    record,
+    timed_runs,
+    torch_missing,
+)
 from dag_jax.models.attention import dot_product_attention
 from dag_jax.models.layers import GroupNorm as LinenGroupNorm
 
@@ -42,6 +52,7 @@ class Conv:
 
     @property
     def name(self) -> str:
+        """Return the op's name in metrics: its kind and shape."""
         return f"conv3x3_{self.n}x{self.h}x{self.w}x{self.c_in}to{self.c_out}"
 
 
@@ -58,6 +69,7 @@ class Attention:
 
     @property
     def name(self) -> str:
+        """Return the op's name in metrics: its kind and shape."""
         return f"attention_{self.b}x{self.lq}x{self.lk}x{self.heads}h{self.d}"
 
 
@@ -74,8 +86,11 @@ class GroupNorm:
 
     @property
     def name(self) -> str:
+        """Return the op's name in metrics: its kind and shape."""
         return f"groupnorm_{self.n}x{self.h}x{self.w}x{self.c}g{self.groups}"
 
+
+Op = Conv | Attention | GroupNorm
 
 # The tiny model's shapes (B = 8 trajectories: 16 UNet rows with CFG; VAE decode of 8 images).
 OPS = (
@@ -94,7 +109,7 @@ OPS = (
 )
 
 
-def op_inputs(op, seed: int) -> tuple[np.ndarray, ...]:
+def op_inputs(op: Op, seed: int) -> tuple[np.ndarray, ...]:
     """Return fp32 NumPy inputs of ``op`` (channels-last for convs) and an output cotangent."""
     rng = np.random.default_rng(seed)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -110,7 +125,7 @@ def op_inputs(op, seed: int) -> tuple[np.ndarray, ...]:
     return q, k, v, f32(op.b, op.lq, inner)
 
 
-def jax_fns(op):
+def jax_fns(op: Op) -> tuple[Callable, Callable]:
     """Return (forward, forward + backward) of dag_jax's formulation of ``op``, jitted."""
     if isinstance(op, Conv):
 
@@ -137,66 +152,30 @@ def jax_fns(op):
     return jax.jit(fwd), jax.jit(grad)
 
 
-def torch_fns(op, arrays):
+def torch_fns(op: Op, arrays: tuple[np.ndarray, ...]) -> tuple:
     """Return (forward, forward + backward, output as NumPy) of PyTorch's ``op`` on ``arrays``."""
-    import torch
-    import torch.nn.functional as F
+    from dag_jax.bench import torch_ref_ops
 
     if isinstance(op, Conv):
-        x, k, dy = arrays
-        tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        tk = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
-        tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
-        inputs = [tx, tk]
-        fn = lambda a, b: F.conv2d(a, b, padding=1)
-        to_jax_layout = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
-    elif isinstance(op, GroupNorm):
-        x, scale, bias, dy = arrays
-        tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
-        inputs = [tx, torch.from_numpy(scale), torch.from_numpy(bias)]
-        fn = lambda a, w, b: F.group_norm(a, op.groups, w, b, eps=1e-5)
-        to_jax_layout = lambda y: y.detach().numpy().transpose(0, 2, 3, 1)
-    else:
-        q, k, v, dy = arrays
-        split = lambda a: torch.from_numpy(a).view(a.shape[0], a.shape[1], op.heads, op.d)
-        inputs = [split(a).transpose(1, 2).contiguous() for a in (q, k, v)]
-        tdy = split(dy).transpose(1, 2).contiguous()
-        fn = F.scaled_dot_product_attention
-        to_jax_layout = lambda y: y.detach().transpose(1, 2).reshape(op.b, op.lq, -1).numpy()
-
-    def fwd():
-        with torch.no_grad():
-            return fn(*inputs)
-
-    leaves = [t.clone().requires_grad_() for t in inputs]
-
-    def grad():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).backward(tdy)
-        return [t.grad for t in leaves]
-
-    return fwd, grad, to_jax_layout(fwd())
+        return torch_ref_ops.conv3x3(*arrays)
+    if isinstance(op, GroupNorm):
+        return torch_ref_ops.group_norm(*arrays, groups=op.groups)
+    return torch_ref_ops.attention(*arrays, heads=op.heads)
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     """Return the median wall milliseconds of ``fn()`` (which blocks) after ``warmup`` calls."""
-    from dag_jax.bench import common as bench
-
-    return float(np.median(bench.timed_runs({"fn": fn}, repeats, warmup)["fn"]) * 1e3)
+    return float(np.median(timed_runs({"fn": fn}, repeats, warmup)["fn"]) * 1e3)
 
 
-def op_records(op, settings, impls, base: dict) -> list[dict]:
+def op_records(op: Op, settings: Settings, impls: Sequence[str], base: dict) -> list[dict]:
     """Return the records of one op for each impl (and their agreement)."""
-    from dag_jax.bench import common as bench
-
     arrays = op_inputs(op, settings.seed)
     cfg = dict(base, op=op.name, shape=dataclasses.astuple(op)[:-1], where=op.where)
     warmup = max(settings.warmup, 1)
 
     def rec(impl, metric, value, unit):
-        return bench.record("ops", impl, f"{op.name}/{metric}", value, unit, cfg)
+        return record("ops", impl, f"{op.name}/{metric}", value, unit, cfg)
 
     def timed(impl, fwd, grad):
         return [
@@ -223,20 +202,18 @@ def op_records(op, settings, impls, base: dict) -> list[dict]:
     return records
 
 
-def bench_ops(settings, ops=OPS) -> list[dict]:
+def bench_ops(settings: Settings, ops: Sequence[Op] = OPS) -> list[dict]:
     """Return fwd/grad milliseconds of each op, dag_jax vs PyTorch (when installed)."""
-    from dag_jax.bench import common as bench
-
     impls = settings.impls()
-    missing = bench.torch_missing() if "torch_ref" in impls else None
+    missing = torch_missing() if "torch_ref" in impls else None
     if missing:
         print(f"[bench] {missing}: skipping the PyTorch reference")
         impls = tuple(i for i in impls if i != "torch_ref")
     if "torch_ref" in impls:
-        import torch
+        from dag_jax.bench import torch_ref_ops
 
-        torch.set_num_threads(bench._cpu_count())
-    base = {**bench.machine_info(), "repeats": settings.repeats, "dtype": "float32"}
+        torch_ref_ops.use_threads(cpu_count())
+    base = {**machine_info(), "repeats": settings.repeats, "dtype": "float32"}
     records = []
     for op in ops:
         records += op_records(op, settings, impls, base)

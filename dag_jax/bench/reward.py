@@ -1,4 +1,4 @@
-"""Reward throughput benchmark: ``python -m dag_jax.bench reward`` (see ``dag_jax/bench.py``).
+"""Reward throughput: ``python -m dag_jax.bench reward``.
 
     python -m dag_jax.bench reward --model=tiny --batch=8 --repeats=3 [--reward=all|NAME[,NAME]]
     python -m dag_jax.bench reward --model=sd15-random --batch=32 --dtype=bfloat16
@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dag_jax import rewards
+from dag_jax.bench.common import Settings, record, settings_config, timed_runs
 from dag_jax.rewards.base import Reward, RewardError, quantize
 
 REWARD_MODELS = ("tiny", "sd15-random")
@@ -165,7 +166,7 @@ def reward_names(selection: str) -> list[str]:
     return names
 
 
-def image_side(settings) -> int:
+def image_side(settings: Settings) -> int:
     """Return the side of the benchmark images (``--image_size``, else by model)."""
     return settings.image_size or IMAGE_SIDE[settings.model]
 
@@ -322,7 +323,9 @@ class JaxScorer:
     jittable: bool = True
 
 
-def build_reward(name: str, settings, tmp: Path, cache: dict) -> Reward | JaxScorer | None:
+def build_reward(
+    name: str, settings: Settings, tmp: Path, cache: dict
+) -> Reward | JaxScorer | None:
     """Return reward ``name`` with random weights in the ``settings.model`` shapes, or None.
 
     None (with a printed reason) when it cannot run here. ``cache`` shares the random ViT-H
@@ -399,10 +402,8 @@ def prepare(reward: Reward | JaxScorer, images: np.ndarray, prompts: list[str]):
     return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
-def bench_reward(settings) -> list[dict]:
+def bench_reward(settings: Settings) -> list[dict]:
     """Return images/s (and compile time) records of the rewards named by ``settings.reward``."""
-    from dag_jax.bench.common import machine_info, record, timed_runs
-
     if settings.model not in REWARD_MODELS:
         raise ValueError(f"--model must be one of {REWARD_MODELS}, got {settings.model!r}")
     names = reward_names(settings.reward)
@@ -410,9 +411,7 @@ def bench_reward(settings) -> list[dict]:
     rng = np.random.default_rng(settings.seed)
     images = rng.random((settings.batch, side, side, 3), dtype=np.float32)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings.batch)]
-    base = {**dataclasses.asdict(settings), "image_size": side}
-    base.pop("json", None)
-    base.update(machine_info())
+    base = {**settings_config(settings), "image_size": side}
 
     calls, compile_s, configs = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="dag_jax_bench_reward_") as tmp:

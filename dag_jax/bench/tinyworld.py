@@ -1,4 +1,4 @@
-"""Reward rise in the tiny world: ``python -m dag_jax.bench tinyworld`` (see ``dag_jax/bench.py``).
+"""Reward rise of demo runs in the tiny world: ``python -m dag_jax.bench tinyworld``.
 
     python -m dag_jax.bench tinyworld --algos=ddpo,dag_db,dag_kl,b2 \
         --tasks=compressibility,alignment --seeds=3 --json=tinyworld.json
@@ -22,7 +22,7 @@ and from ``metrics.jsonl``: ``reward_first_epoch`` / ``reward_last_epoch`` (the 
 epoch's fresh training trajectories), ``unique_trajectories`` and ``seconds`` (training wall
 time, compilation included). ``impl`` is the algorithm (``b2`` = B² with its PPO objective);
 ``config`` holds the task, the seed and the epochs. ``format_rise`` turns the records into a
-mean ± std table over seeds.
+mean ± std table over seeds, printed after the runs.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from dag_jax.bench.common import Settings, machine_info, record
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # dag_jax/configs
 TASKS = ("compressibility", "alignment")
 ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
 
 
 def demo_config(task: str, algo: str, seed: int, epochs: int = 0):
     """Return ``configs/<task>.py:demo`` with ``algo`` and ``seed`` (and ``epochs`` if > 0)."""
-    path = ROOT / "configs" / f"{task}.py"
+    path = CONFIGS / f"{task}.py"
     if not path.is_file():
         raise ValueError(f"unknown task {task!r}: no {path}; known: {', '.join(TASKS)}")
     if algo not in ALGOS:
@@ -134,10 +136,8 @@ def evaluate_run(workdir: Path, base_eval: Path | None) -> dict:
     return out_metrics
 
 
-def bench_tinyworld(settings) -> list[dict]:
-    """Return ``dag_jax.bench.common`` records for every (task, algorithm, seed) of ``settings``."""
-    from dag_jax.bench.common import machine_info, record
-
+def bench_tinyworld(settings: Settings) -> list[dict]:
+    """Return the records of every (task, algorithm, seed) of ``settings``; print their table."""
     tasks = [t for t in settings.tasks.split(",") if t]
     algos = [a for a in settings.algos.split(",") if a]
     for task in tasks:  # fail on a bad name before hours of training
@@ -164,6 +164,7 @@ def bench_tinyworld(settings) -> list[dict]:
                     f"{out['seconds']:.0f}s",
                     flush=True,
                 )
+    print(format_rise(records))
     return records
 
 

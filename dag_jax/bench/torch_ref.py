@@ -1,15 +1,16 @@
-"""The PyTorch reference for ``dag_jax.bench.common``: a plain eager diffusers sampling loop.
+"""The PyTorch reference of ``python -m dag_jax.bench sampler``: an eager diffusers sampling loop.
 
 Imported only when torch and diffusers are installed (the core install has neither). It is the
 baseline a PyTorch user would write (DDPO-style): diffusers ``UNet2DConditionModel`` in eager
 mode, ``torch.no_grad``, fp32, CFG on the concatenated [uncond; cond] batch, and the DDIM-with-η
-step and Gaussian log-prob of SPEC §2 in torch ops.
+step and Gaussian log-prob of SPEC §2 in torch ops. The train bench's reference
+(``torch_ref_train``) builds on its models and DDIM math.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -160,3 +161,49 @@ def rollout(
         logps.append(logp)
         epss.append(eps)
     return torch.stack(states, 1), torch.stack(logps, 1), torch.stack(epss, 1)
+
+
+def rollout_call(
+    unet: UNet2DConditionModel,
+    x_T: np.ndarray,
+    context: np.ndarray,
+    uncond: np.ndarray,
+    grid: Mapping[str, np.ndarray],
+    *,
+    seed: int,
+    dtype: str,
+    guidance: float,
+    eta: float,
+) -> Callable[[], None]:
+    """Return a blocking call of one eager ``rollout`` from host arrays on the UNet's device.
+
+    ``grid`` holds the schedule's ``timesteps``, ``alpha_t`` and ``alpha_s``; the compute
+    dtype applies through ``autocast``.
+    """
+    dev = next(unet.parameters()).device
+    x, c, u = (torch.from_numpy(a).to(dev) for a in (x_T, context, uncond))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cast = autocast(dev, dtype)
+
+    def once() -> None:
+        with cast:
+            rollout(unet, x, c, u, generator=gen, guidance=guidance, eta=eta, **grid)
+        synchronize(dev)
+
+    return once
+
+
+@torch.no_grad()
+def guided_eps_numpy(
+    unet: UNet2DConditionModel,
+    x: np.ndarray,
+    t: int,
+    context: np.ndarray,
+    uncond: np.ndarray,
+    guidance: float,
+) -> np.ndarray:
+    """Return ``guided_eps`` at timestep ``t`` of host arrays, as fp64 NumPy (fp32 compute)."""
+    dev = next(unet.parameters()).device
+    x, c, u = (torch.from_numpy(a).to(dev) for a in (x, context, uncond))
+    eps = guided_eps(unet, x, torch.tensor(t, device=dev), c, u, guidance)
+    return eps.cpu().numpy().astype(np.float64)

@@ -3,7 +3,7 @@
 Imported only when torch, diffusers and peft are installed. What a PyTorch user would write
 (DDPO/DAG-release style), eager: a diffusers ``UNet2DConditionModel`` with a peft LoRA on the
 attention projections (to_q, to_k, to_v, to_out.0), the DDIM-with-η log-prob of SPEC §2 in
-torch ops (``bench_torch``), the DDPO clipped surrogate, and for DAG a flow network built from
+torch ops (``torch_ref``), the DDPO clipped surrogate, and for DAG a flow network built from
 diffusers blocks with the shapes of ``dag_jax.models.flow`` (weights copied from the Linen
 flow), forward-looking rewards through a diffusers ``AutoencoderKL``; gradients accumulated
 over micro-batches, clipped per group, one ``torch.optim.AdamW`` step. Inputs, weights and the
@@ -22,14 +22,14 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 from flax import traverse_util
 
-from dag_jax.bench import torch_ref as bench_torch
+from dag_jax.bench import torch_ref
 from dag_jax.models.flow import FlowConfig
 from dag_jax.weights.convert import linen_to_torch, torch_key
 
 
 def build_vae(config: Mapping, seed: int, device: torch.device) -> AutoencoderKL:
     """Return an eval-mode fp32 diffusers AutoencoderKL with random weights."""
-    return bench_torch.build_random(AutoencoderKL, config, seed + 100, device)
+    return torch_ref.build_random(AutoencoderKL, config, seed + 100, device)
 
 
 class TorchFlow(torch.nn.Module):
@@ -196,11 +196,11 @@ class TorchTrainStep:
             betas=(0.9, 0.999),
             eps=1e-8,
         )
-        self.autocast = bench_torch.autocast(device, hyper.dtype)
+        self.autocast = torch_ref.autocast(device, hyper.dtype)
 
     @classmethod
     def from_run(cls, run, weights, settings) -> TorchTrainStep:
-        """Return the reference of a ``bench_train.TrainRun`` on the same weights and data."""
+        """Return the reference of a ``train_step.TrainRun`` on the same weights and data."""
         c, algo = run.config, run.algo
         device = next(weights.torch_unet.parameters()).device
         trainable = run.state.trainable
@@ -280,10 +280,10 @@ class TorchTrainStep:
         ctx = self.data["context"][b["traj"]]
         uncond = self.data["uncond"].expand_as(ctx)
         with self.autocast:
-            eps = bench_torch.guided_eps(self.unet, b["x_t"], b["t"], ctx, uncond, h.guidance)
+            eps = torch_ref.guided_eps(self.unet, b["x_t"], b["t"], ctx, uncond, h.guidance)
         a_t, a_s = _col(b["alpha_t"], b["x_t"]), _col(b["alpha_s"], b["x_t"])
-        mean, sigma = bench_torch.ddim_mean_sigma(b["x_t"], eps, a_t, a_s, h.eta)
-        return bench_torch.gaussian_logprob(b["x_s"], mean, sigma), eps
+        mean, sigma = torch_ref.ddim_mean_sigma(b["x_t"], eps, a_t, a_s, h.eta)
+        return torch_ref.gaussian_logprob(b["x_s"], mean, sigma), eps
 
     def log_flows(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (log F(x_t), log F(x_s)) with forward-looking rewards (and the log Z anchor)."""
@@ -297,7 +297,7 @@ class TorchTrainStep:
             ).float()
         log_f_t = f[:n] + h.beta * b["reward_t"]
         if self.log_z is not None:
-            prior = bench_torch.gaussian_logprob(
+            prior = torch_ref.gaussian_logprob(
                 b["x_t"], torch.zeros_like(b["x_t"]), torch.ones((), device=self.device)
             )
             log_f_t = torch.where(b["initial"], self.log_z + prior, log_f_t)
@@ -315,9 +315,7 @@ class TorchTrainStep:
             )
         ratio = b["alpha_t"] / b["alpha_s"]
         mean_b = _col(torch.sqrt(ratio), b["x_s"]) * b["x_s"]
-        log_pb = bench_torch.gaussian_logprob(
-            b["x_t"], mean_b, _col(torch.sqrt(1 - ratio), b["x_t"])
-        )
+        log_pb = torch_ref.gaussian_logprob(b["x_t"], mean_b, _col(torch.sqrt(1 - ratio), b["x_t"]))
         log_f_t, log_f_s = self.log_flows(b)
         reg = ((eps - b["eps"]) ** 2).mean(dim=tuple(range(1, eps.ndim)))
         if h.algo == "dag_db":
@@ -350,7 +348,7 @@ class TorchTrainStep:
             loss.backward()
             losses.append(float(loss.detach()))
         self.update(len(losses))
-        bench_torch.synchronize(self.device)
+        torch_ref.synchronize(self.device)
         return float(np.mean(losses))
 
     def update(self, count: int) -> None:

@@ -1,4 +1,4 @@
-"""Train-step benchmarks: ``python -m dag_jax.bench memory|train`` (see ``dag_jax/bench.py``).
+"""A train step's memory and speed: ``python -m dag_jax.bench memory`` and ``... train``.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m dag_jax.bench memory --model=sd15-random [--fsdp=1,2,4,8] [--micro_batch=64]
@@ -6,17 +6,17 @@
 
 Both benches build the real train program of ``dag_jax.train.phases`` (``build_phases``: the same
 ``grad_step``, ``fl_rewards`` and ``apply``) around a UNet of ``--model``'s shapes with random
-weights (``bench.MODELS``), a VAE of the same family (``VAE_CONFIGS``; only DAG's
+weights (``unets.MODELS``), a VAE of the same family (``VAE_CONFIGS``; only DAG's
 forward-looking rewards decode), the flow network and LoRA of ``configs/base.py``, and a tiny
 JAX-native reward (mean brightness). Text encoding is not part of a train step; prompts enter
 as random (77, D) embeddings.
 
 memory: compiles (never runs) the DAG-DB micro-step of one ``--micro_batch`` (default: the
-released 64; ``grad_step_per_state`` unless ``--noflow_once_per_state``) on a ("data",
-"fsdp") mesh of all devices for each fsdp size of ``--fsdp``, with the released train
-settings (bf16 compute, remat, fp32 params, a 256-row context table): every input is a
-``jax.ShapeDtypeStruct`` carrying its sharding, so no weight is ever allocated.
-``--model=tiny`` shards leaves from 2^10 elements (train's 2^18 would shard none of them).
+released 64; ``grad_step_per_state``, as ``train`` runs it) on a ("data", "fsdp") mesh of all
+devices for each fsdp size of ``--fsdp``, with the released train settings (bf16 compute, remat,
+fp32 params, a 256-row context table): every input is a ``jax.ShapeDtypeStruct`` carrying its
+sharding, so no weight is ever allocated. ``--model=tiny`` shards leaves from 2^10 elements
+(train's 2^18 would shard none of them).
 Records per fsdp size N (``config["fsdp"]`` too), per device, from
 ``compiled.memory_analysis()``:
   fsdpN/param_bytes      the frozen UNet's shard (from its FSDP shardings)
@@ -28,21 +28,19 @@ Records per fsdp size N (``config["fsdp"]`` too), per device, from
   param_bytes_ratio_fsdpN_vs_fsdp1   the largest size's param_bytes over fsdp 1's (target ≤ 0.2
                          for SD1.5 at fsdp 8)
 
-train: one optimizer step of ``train.update_window`` per algorithm of ``--algos`` (ddpo,
-dag_db, dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax
-sampler, untimed), their ``batch·steps`` transitions in shuffled micro-batches of
-``--micro_batch`` (default 16) accumulated into one AdamW update, and for DAG first the
-forward-looking rewards of every state (x̂₀ by the UNet, or with ``--fl_source=sampling``
-kept by the untimed sampler as ``dag.fl_source``; VAE decode, reward) and, with
-``--flow_once_per_state`` (the default, as ``train``), F̃_φ of every state, whose VJP over the
-states ends the step (``--noflow_once_per_state``: F̃ on [x_t; x_s] in every micro-batch, as
-released). Against it the PyTorch reference (``dag_jax.bench.torch_ref_train``): diffusers UNet
-with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a torch flow
-network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
+train: one optimizer step of ``train.update_window`` per algorithm of ``--algos`` (ddpo, dag_db,
+dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax sampler,
+untimed), their ``batch·steps`` transitions in shuffled micro-batches of ``--micro_batch``
+(default 16) accumulated into one AdamW update, and for DAG first the forward-looking rewards of
+every state (x̂₀ by the UNet, or with ``--fl_source=sampling`` kept by the untimed sampler as
+``dag.fl_source``; VAE decode, reward) and F̃_φ of every state (as ``train``), whose VJP over
+the states ends the step. Against it the PyTorch reference (``dag_jax.bench.torch_ref_train``):
+diffusers UNet with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a
+torch flow network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
 micro-batch), torch AdamW; same weights, trajectories, permutation. torch_ref always takes
-x̂₀^cond from a UNet pass with the current θ (released); with ``--fl_source=sampling`` the
-timed dag_jax step reads them from the trajectory instead, which is exact here (the timed step
-is the first after sampling, θ = θ_old), and the first-step losses still agree. Records per
+x̂₀^cond from a UNet pass with the current θ (released); with ``--fl_source=sampling`` the timed
+dag_jax step reads them from the trajectory instead, which is exact here (the timed step is the
+first after sampling, θ = θ_old), and the first-step losses still agree. Records per
 algorithm (metric ``ALGO/...``, ``config["algo"]``) and impl:
   step_s, step_min_s     mean and fastest wall seconds of one optimizer step over ``--repeats``
                          (after ``--warmup`` untimed steps, the first of which also compiles
@@ -62,11 +60,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -75,12 +70,29 @@ import numpy as np
 
 from dag_jax import rewards, train
 from dag_jax.algos.transitions import Transitions
-from dag_jax.bench import common as bench
 from dag_jax.bench import flops
-from dag_jax.diffusion.sampler import rollout, sample_keys
+from dag_jax.bench.common import (
+    Settings,
+    float_on_cpu,
+    peak_flops,
+    record,
+    settings_config,
+    timed_runs,
+    torch_missing,
+)
+from dag_jax.bench.unets import (
+    CONTEXT_LEN,
+    default_init_params,
+    latent_side,
+    linen_unet,
+    sampler_inputs,
+    unet_config,
+)
+from dag_jax.diffusion.sampler import Trajectory, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.infra import parallel
 from dag_jax.models.lora import LoRAConfig
+from dag_jax.models.unet import UNet2DConditionModel
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.pipeline import Pipeline, unet_shapes, vae_shapes
 from dag_jax.tinyworld import random_tiny as tiny
@@ -105,7 +117,7 @@ TINY_MIN_SHARD_SIZE = 2**10
 # --------------------------------------------------------------------------- shared set-up
 
 
-def train_config(settings, algo: str, fsdp: int = 1, *, released: bool = False):
+def train_config(settings: Settings, algo: str, fsdp: int = 1, *, released: bool = False):
     """Return a ``configs/base.py`` config for ``algo`` at the bench's sizes.
 
     ``released`` keeps the released train settings (bf16, remat, micro-batch 64, 256
@@ -127,7 +139,6 @@ def train_config(settings, algo: str, fsdp: int = 1, *, released: bool = False):
     default_mb = c.train.micro_batch if released else DEFAULT_TRAIN_MICRO_BATCH
     c.train.micro_batch = settings.micro_batch or default_mb
     c.dag.baseline_group = math.gcd(c.dag.baseline_group, c.train.micro_batch)
-    c.dag.flow_once_per_state = settings.flow_once_per_state
     c.dag.fl_source = settings.fl_source
     c.mesh.data, c.mesh.fsdp = -1, fsdp
     if settings.model == "tiny":
@@ -141,16 +152,18 @@ def brightness_reward() -> rewards.Reward:
     return rewards.jax_reward("brightness", lambda images, tokens: jnp.mean(images, (1, 2, 3)))
 
 
-def bench_modules(settings, config):
+def bench_modules(settings: Settings, config) -> tuple[UNet2DConditionModel, AutoencoderKL]:
     """Return (Linen UNet adapted for LoRA, Linen VAE) of ``--model``'s shapes."""
     lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
-    unet = bench.linen_unet(bench.MODELS[settings.model], config.dtype, config.attention)
+    unet = linen_unet(unet_config(settings), config.dtype, config.attention)
     unet = unet.clone(lora_scale=lora.scale, remat=config.remat)
     vae_config = VAEConfig.from_dict(VAE_CONFIGS[settings.model])
     return unet, AutoencoderKL(vae_config, dtype=jnp.dtype(config.dtype))
 
 
-def bench_model(settings, config, unet, vae, frozen: dict, uncond: jax.Array) -> train.Model:
+def bench_model(
+    settings: Settings, config, unet, vae, frozen: dict, uncond: jax.Array
+) -> train.Model:
     """Return a ``train.Model`` around given modules and frozen params (arrays or abstract)."""
     pipe = Pipeline(
         unet=unet,
@@ -162,7 +175,7 @@ def bench_model(settings, config, unet, vae, frozen: dict, uncond: jax.Array) ->
         configs={},
         model_index={},
     )
-    side = settings.latent_side()
+    side = latent_side(settings)
     return train.Model(
         pipe=pipe,
         flow=train.make_flow(config, unet.config),
@@ -177,12 +190,9 @@ def bench_model(settings, config, unet, vae, frozen: dict, uncond: jax.Array) ->
     )
 
 
-def config_record(settings, **extra) -> dict:
+def config_record(settings: Settings, **extra) -> dict:
     """Return the records' config: the settings, the machine and ``extra``."""
-    out = {**dataclasses.asdict(settings), "resolution": settings.latent_side()}
-    out.pop("json")
-    out.update(bench.machine_info(), **extra)
-    return out
+    return {**settings_config(settings), "resolution": latent_side(settings), **extra}
 
 
 # --------------------------------------------------------------------------- abstract programs
@@ -261,7 +271,7 @@ class AbstractStep:
         return self.phases.flow_grad, (self.trainable, states, cot, self.trainable)
 
 
-def min_shard_size(settings) -> int:
+def min_shard_size(settings: Settings) -> int:
     """Return the smallest leaf (elements) FSDP shards: train's rule, lowered for ``tiny``.
 
     Under the real threshold (2^18 elements) every leaf of the tiny UNet stays replicated, so
@@ -270,7 +280,7 @@ def min_shard_size(settings) -> int:
     return TINY_MIN_SHARD_SIZE if settings.model == "tiny" else parallel.DEFAULT_MIN_SHARD_SIZE
 
 
-def abstract_step(settings, config, mesh) -> AbstractStep:
+def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
     """Return the train phases of ``config`` on abstract inputs sharded as ``train`` shards them.
 
     Frozen UNet (and VAE) params are FSDP-sharded, the trainable tree replicated, the
@@ -281,7 +291,7 @@ def abstract_step(settings, config, mesh) -> AbstractStep:
     shardings = parallel.fsdp_shardings(mesh, shapes, min_shard_size(settings))
     frozen = parallel.abstract(shapes, shardings)
     d = unet.config.cross_attention_dim
-    uncond = jnp.zeros((1, bench.CONTEXT_LEN, d), jnp.float32)
+    uncond = jnp.zeros((1, CONTEXT_LEN, d), jnp.float32)
     model = bench_model(settings, config, unet, vae, frozen, uncond)
     trainable = jax.eval_shape(lambda: train.init_trainable(model, config, jax.random.key(0)))
     rep = parallel.replicated(mesh)
@@ -290,7 +300,7 @@ def abstract_step(settings, config, mesh) -> AbstractStep:
         config.train.micro_batch,
         model.latent_shape,
         config.train.trajectories_per_step,
-        (bench.CONTEXT_LEN, d),
+        (CONTEXT_LEN, d),
     )
     batch = parallel.abstract(batch, train.micro_batch_shardings(mesh, batch))
     phases = train.build_phases(model, config, train.make_tx(config, trainable))
@@ -309,7 +319,7 @@ def sharded_bytes(tree) -> int:
 # --------------------------------------------------------------------------- memory
 
 
-def fsdp_sizes(settings, num_devices: int) -> list[int]:
+def fsdp_sizes(settings: Settings, num_devices: int) -> list[int]:
     """Return the fsdp sizes of ``--fsdp`` (each must divide the device count)."""
     sizes = [int(s) for s in str(settings.fsdp).split(",") if s.strip()]
     bad = [s for s in sizes if s < 1 or num_devices % s]
@@ -321,7 +331,7 @@ def fsdp_sizes(settings, num_devices: int) -> list[int]:
     return sizes
 
 
-def memory_records(settings, fsdp: int) -> tuple[list[dict], int]:
+def memory_records(settings: Settings, fsdp: int) -> tuple[list[dict], int]:
     """Return (records of one fsdp size, its per-device param bytes)."""
     config = train_config(settings, MEMORY_ALGO, fsdp, released=True)
     mesh = parallel.make_mesh(-1, fsdp)
@@ -346,24 +356,21 @@ def memory_records(settings, fsdp: int) -> tuple[list[dict], int]:
         fsdp_min_shard_size=min_shard_size(settings),
     )
     name = lambda m: f"fsdp{fsdp}/{m}"
-    out = [bench.record("memory", "dag_jax", name("param_bytes"), params, "bytes", cfg)]
+    out = [record("memory", "dag_jax", name("param_bytes"), params, "bytes", cfg)]
     for key in ("argument", "output", "temp"):
         if key in mem:
-            out.append(
-                bench.record("memory", "dag_jax", name(f"{key}_bytes"), mem[key], "bytes", cfg)
-            )
+            out.append(record("memory", "dag_jax", name(f"{key}_bytes"), mem[key], "bytes", cfg))
     if {"argument", "output", "temp"} <= mem.keys():
         total = mem["argument"] + mem["output"] + mem["temp"] - mem.get("alias", 0)
-        out.append(bench.record("memory", "dag_jax", name("total_bytes"), total, "bytes", cfg))
-    out.append(bench.record("memory", "dag_jax", name("compile_s"), compile_s, "s", cfg))
+        out.append(record("memory", "dag_jax", name("total_bytes"), total, "bytes", cfg))
+    out.append(record("memory", "dag_jax", name("compile_s"), compile_s, "s", cfg))
     print(f"[bench] memory fsdp={fsdp}: compiled in {compile_s:.1f}s, {mem}", flush=True)
     return out, params
 
 
-def bench_memory(settings) -> list[dict]:
+def bench_memory(settings: Settings) -> list[dict]:
     """Return per-device memory records of the sharded DAG-DB train step per fsdp size."""
-    if settings.model not in bench.MODELS:
-        raise ValueError(f"--model must be one of {sorted(bench.MODELS)}, got {settings.model!r}")
+    unet_config(settings)  # a bad --model fails before any work
     records, params = [], {}
     for fsdp in fsdp_sizes(settings, jax.device_count()):
         recs, params[fsdp] = memory_records(settings, fsdp)
@@ -373,36 +380,25 @@ def bench_memory(settings) -> list[dict]:
         ratio = params[largest] / params[1]
         cfg = dict(records[-1]["config"], fsdp=[largest, 1])
         metric = f"param_bytes_ratio_fsdp{largest}_vs_fsdp1"
-        records.append(bench.record("memory", "dag_jax", metric, ratio, "fraction", cfg))
+        records.append(record("memory", "dag_jax", metric, ratio, "fraction", cfg))
     return records
 
 
 # --------------------------------------------------------------------------- train: FLOPs
 
 
-def train_step_flops(settings, algo: str) -> float:
-    """Return the model FLOPs of one optimizer step (see ``_cpu_train_step_flops``).
+def train_step_flops(settings: Settings, algo: str) -> float:
+    """Return the model FLOPs of one optimizer step (see ``cpu_train_step_flops``).
 
-    Counted on the program the CPU backend traces (``bench.unet_call_flops``): on accelerator
-    hosts in a CPU-only subprocess.
+    Counted on the program the CPU backend traces (as ``sampler.unet_call_flops``): on
+    accelerator hosts in a CPU-only subprocess.
     """
     if jax.default_backend() == "cpu":
-        return _cpu_train_step_flops(settings, algo)
-    code = (
-        "import json, sys; from dag_jax import bench, bench_train; "
-        "a = json.loads(sys.argv[1]); "
-        "print(bench_train._cpu_train_step_flops(bench.Settings(**a['settings']), a['algo']))"
-    )
-    arg = json.dumps({"settings": dataclasses.asdict(settings), "algo": algo})
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=True
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+        return cpu_train_step_flops(settings, algo)
+    return float_on_cpu("dag_jax.bench.train_step:cpu_train_step_flops", settings, algo)
 
 
-def _cpu_train_step_flops(settings, algo: str) -> float:
+def cpu_train_step_flops(settings: Settings, algo: str) -> float:
     """Return the matmul and conv FLOPs of one optimizer step, on one device, without remat.
 
     (micro-batches per step) × ``grad_step``, plus for DAG ``fl_rewards`` on the window's
@@ -429,13 +425,11 @@ def _cpu_train_step_flops(settings, algo: str) -> float:
     return count
 
 
-def trajectory_shapes(settings, model: train.Model, x0_cond: bool = False):
+def trajectory_shapes(settings: Settings, model: train.Model, x0_cond: bool = False) -> Trajectory:
     """Return an abstract Trajectory of ``--batch`` × ``--steps`` for ``fl_rewards``.
 
     ``x0_cond``: with the sampler's x̂₀^cond of every state (``dag.fl_source = "sampling"``).
     """
-    from dag_jax.diffusion.sampler import Trajectory
-
     b, k = settings.batch, settings.steps
     f32 = jnp.float32
     d = model.pipe.unet.config.cross_attention_dim
@@ -445,7 +439,7 @@ def trajectory_shapes(settings, model: train.Model, x0_cond: bool = False):
         timesteps=jax.ShapeDtypeStruct((k,), jnp.int32),
         log_probs=jax.ShapeDtypeStruct((b, k), f32),
         eps=per_step,
-        context=jax.ShapeDtypeStruct((b, bench.CONTEXT_LEN, d), f32),
+        context=jax.ShapeDtypeStruct((b, CONTEXT_LEN, d), f32),
         x0_cond=per_step if x0_cond else None,
     )
 
@@ -464,23 +458,21 @@ class Weights:
     torch_info: dict = dataclasses.field(default_factory=dict)
 
 
-def random_weights(settings, unet, vae, use_torch: bool) -> Weights:
+def random_weights(settings: Settings, unet, vae, use_torch: bool) -> Weights:
     """Return random UNet and VAE weights: built in torch and converted, or Flax's init."""
-    unet_config = bench.MODELS[settings.model]
     if not use_torch:
         side = 2 ** len(vae.config.block_out_channels)
         x = jnp.zeros((1, vae.config.in_channels, side, side))
         vae_params = jax.jit(vae.init)(jax.random.key(settings.seed + 1), x)["params"]
-        return Weights(bench.default_init_params(unet, settings.seed), vae_params)
-    from dag_jax.bench import torch_ref as bench_torch
-    from dag_jax.bench import torch_ref_train as bench_torch_train
+        return Weights(default_init_params(unet, settings.seed), vae_params)
+    from dag_jax.bench import torch_ref, torch_ref_train
 
-    device = bench_torch.pick_device()
-    torch_unet = bench_torch.build_unet(unet_config, settings.seed, device)
-    torch_vae = bench_torch_train.build_vae(VAE_CONFIGS[settings.model], settings.seed, device)
-    unet_params = torch_to_linen(bench_torch.state_dict_numpy(torch_unet), unet_shapes(unet))
-    vae_params = torch_to_linen(bench_torch.state_dict_numpy(torch_vae), vae_shapes(vae), "vae")
-    return Weights(unet_params, vae_params, torch_unet, torch_vae, bench_torch.describe(device))
+    device = torch_ref.pick_device()
+    torch_unet = torch_ref.build_unet(unet_config(settings), settings.seed, device)
+    torch_vae = torch_ref_train.build_vae(VAE_CONFIGS[settings.model], settings.seed, device)
+    unet_params = torch_to_linen(torch_ref.state_dict_numpy(torch_unet), unet_shapes(unet))
+    vae_params = torch_to_linen(torch_ref.state_dict_numpy(torch_vae), vae_shapes(vae), "vae")
+    return Weights(unet_params, vae_params, torch_unet, torch_vae, torch_ref.describe(device))
 
 
 @dataclasses.dataclass
@@ -535,9 +527,9 @@ def random_lora_b(trainable: dict, seed: int, scale: float = 0.02) -> dict:
     return {**trainable, "lora": jax.tree_util.tree_unflatten(tree, out)}
 
 
-def sample_trajectories(model: train.Model, policy: dict, settings, config):
+def sample_trajectories(model: train.Model, policy: dict, settings: Settings, config):
     """Return (Trajectory of ``--batch`` × ``--steps``, the sampler inputs) from the policy."""
-    inputs = bench.sampler_inputs(settings, bench.MODELS[settings.model])
+    inputs = sampler_inputs(settings)
     keys = sample_keys(jax.random.key(settings.seed), jnp.arange(settings.batch))
 
     @jax.jit
@@ -558,14 +550,14 @@ def sample_trajectories(model: train.Model, policy: dict, settings, config):
     return run(policy, inputs.x_T, inputs.context), inputs
 
 
-def train_run(settings, algo: str, weights: Weights, mesh) -> TrainRun:
+def train_run(settings: Settings, algo: str, weights: Weights, mesh) -> TrainRun:
     """Return the dag_jax state of ``algo``: model, phases, trainable, sampled trajectories."""
     config = train_config(settings, algo)
     train.validate(config, mesh.size)
     unet, vae = bench_modules(settings, config)
     params = {"unet": weights.unet, "vae": weights.vae}
     frozen = parallel.put(params, parallel.fsdp_shardings(mesh, params))
-    inputs = bench.sampler_inputs(settings, bench.MODELS[settings.model])
+    inputs = sampler_inputs(settings)
     model = bench_model(settings, config, unet, vae, frozen, jnp.asarray(inputs.uncond[:1]))
     trainable = train.init_trainable(model, config, jax.random.key(settings.seed))
     trainable = random_lora_b(trainable, settings.seed)
@@ -591,7 +583,7 @@ def train_run(settings, algo: str, weights: Weights, mesh) -> TrainRun:
     return TrainRun(algo, config, mesh, model, phases, state, data, float(config.dag.beta))
 
 
-def train_algos(settings) -> list[str]:
+def train_algos(settings: Settings) -> list[str]:
     """Return the algorithms of ``--algos`` the train bench runs (others are skipped)."""
     names = [a.strip() for a in settings.algos.split(",") if a.strip()]
     skipped = [a for a in names if a not in TRAIN_ALGOS]
@@ -605,12 +597,14 @@ def train_algos(settings) -> list[str]:
 # --------------------------------------------------------------------------- train: records
 
 
-def algo_records(algo: str, impl: str, times, first_s, loss, settings, cfg, flops, peak):
+def algo_records(
+    algo: str, impl: str, times, first_s, loss, settings: Settings, cfg, step_flops, peak
+) -> list[dict]:
     """Return the timing records of one (algorithm, impl)."""
     mean = float(np.mean(times))
     rows = settings.batch * settings.steps
     m = lambda name: f"{algo}/{name}"
-    rec = lambda name, value, unit: bench.record("train", impl, m(name), value, unit, cfg)
+    rec = lambda name, value, unit: record("train", impl, m(name), value, unit, cfg)
     out = [
         rec("step_s", mean, "s"),
         rec("step_min_s", min(times), "s"),
@@ -618,9 +612,9 @@ def algo_records(algo: str, impl: str, times, first_s, loss, settings, cfg, flop
         rec("first_step_s", first_s, "s"),
         rec("loss", loss, "loss"),
     ]
-    if flops and peak:
-        out.append(rec("achieved_tflops", flops / mean / 1e12, "TFLOP/s"))
-        out.append(rec("mfu", flops / mean / peak, "fraction"))
+    if step_flops and peak:
+        out.append(rec("achieved_tflops", step_flops / mean / 1e12, "TFLOP/s"))
+        out.append(rec("mfu", step_flops / mean / peak, "fraction"))
     return out
 
 
@@ -631,7 +625,7 @@ def timed_first(fn) -> tuple[float, float]:
     return value, time.perf_counter() - start
 
 
-def bench_algo(settings, algo, weights, mesh, impls, peak, base_cfg) -> list[dict]:
+def bench_algo(settings: Settings, algo, weights, mesh, impls, peak, base_cfg) -> list[dict]:
     """Return the train records of one algorithm for each impl (and their comparison)."""
     run = train_run(settings, algo, weights, mesh)
     cfg = dict(
@@ -646,34 +640,32 @@ def bench_algo(settings, algo, weights, mesh, impls, peak, base_cfg) -> list[dic
     )
     steps, first, losses = {}, {}, {}
     if "torch_ref" in impls:
-        from dag_jax.bench import torch_ref_train as bench_torch_train
+        from dag_jax.bench import torch_ref_train
 
-        ref = bench_torch_train.TorchTrainStep.from_run(run, weights, settings)
+        ref = torch_ref_train.TorchTrainStep.from_run(run, weights, settings)
         order = run.next_permutation()
         losses["torch_ref"], first["torch_ref"] = timed_first(lambda: ref.step(order))
         steps["torch_ref"] = lambda: ref.step(run.next_permutation())
     if "dag_jax" in impls:
         losses["dag_jax"], first["dag_jax"] = timed_first(run.step)
         steps["dag_jax"] = run.step
-    flops = train_step_flops(settings, algo)
-    cfg["step_gflop"] = flops / 1e9
+    step_flops = train_step_flops(settings, algo)
+    cfg["step_gflop"] = step_flops / 1e9
     cfg["loadavg_1min_before"] = os.getloadavg()[0]
-    times = bench.timed_runs(steps, settings.repeats, max(settings.warmup - 1, 0))
+    times = timed_runs(steps, settings.repeats, max(settings.warmup - 1, 0))
     cfg["loadavg_1min_after"] = os.getloadavg()[0]
     records = []
     for impl in steps:
         records += algo_records(
-            algo, impl, times[impl], first[impl], losses[impl], settings, cfg, flops, peak
+            algo, impl, times[impl], first[impl], losses[impl], settings, cfg, step_flops, peak
         )
     if len(steps) == 2:
         speedup = np.mean(times["torch_ref"]) / np.mean(times["dag_jax"])
         rel = abs(losses["dag_jax"] - losses["torch_ref"]) / max(abs(losses["torch_ref"]), 1e-30)
         records.append(
-            bench.record("train", "dag_jax", f"{algo}/speedup_vs_torch_ref", speedup, "x", cfg)
+            record("train", "dag_jax", f"{algo}/speedup_vs_torch_ref", speedup, "x", cfg)
         )
-        records.append(
-            bench.record("train", "dag_jax", f"{algo}/check_loss_rel_diff", rel, "rel", cfg)
-        )
+        records.append(record("train", "dag_jax", f"{algo}/check_loss_rel_diff", rel, "rel", cfg))
         jl, tl = losses["dag_jax"], losses["torch_ref"]
         print(f"[bench] {algo}: first-step loss dag_jax {jl:.6g}, torch_ref {tl:.6g}")
     return records
@@ -681,16 +673,15 @@ def bench_algo(settings, algo, weights, mesh, impls, peak, base_cfg) -> list[dic
 
 def torch_ref_missing() -> str | None:
     """Return why the PyTorch train reference cannot run (torch, diffusers or peft missing)."""
-    missing = bench.torch_missing()
+    missing = torch_missing()
     if missing is None and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
     return missing
 
 
-def bench_train(settings) -> list[dict]:
+def bench_train(settings: Settings) -> list[dict]:
     """Return records of one optimizer step per algorithm, dag_jax vs the PyTorch reference."""
-    if settings.model not in bench.MODELS:
-        raise ValueError(f"--model must be one of {sorted(bench.MODELS)}, got {settings.model!r}")
+    unet_config(settings)  # a bad --model fails before any work
     impls = settings.impls()
     missing = torch_ref_missing() if "torch_ref" in impls else None
     if missing:
@@ -700,7 +691,7 @@ def bench_train(settings) -> list[dict]:
     config = train_config(settings, "ddpo")
     unet, vae = bench_modules(settings, config)
     weights = random_weights(settings, unet, vae, "torch_ref" in impls)
-    peak, peak_source = bench.peak_flops(config.dtype)
+    peak, peak_source = peak_flops(config.dtype)
     base_cfg = config_record(
         settings,
         mesh=parallel.mesh_str(mesh),

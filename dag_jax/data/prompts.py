@@ -29,11 +29,13 @@ Sets (``names()``), what they are for, and where their file comes from (``SOURCE
   colour/kind/background triples). Needs no file. Metadata: the parsed attributes.
 
 Where the files are looked for: ``load(name, root=...)``, else the folder in the environment
-variable ``DAG_JAX_PROMPTS``, both laid out like ``../shared/data/prompts`` (``FILES``). With
+variable ``DAG_JAX_PROMPTS``, both laid out like ``../shared/data/prompts`` (``SOURCES``). With
 neither, the cache folder (``$DAG_JAX_CACHE`` or ``~/.cache/dag_jax``, then ``prompts/``) is
 used, and files missing there are downloaded from ``SOURCES`` (``download=False`` to forbid
 that). A file that cannot be found or fetched raises ``MissingPromptFile`` naming it, where it
-was looked for and where to get it.
+was looked for and where to get it. A file that is there but unusable (not UTF-8, empty, not
+in its format, or with an empty line or entry where a prompt should be) raises ``PromptError``
+naming the file and, where there is one, the line (``path:line: ...``).
 """
 
 from __future__ import annotations
@@ -214,36 +216,102 @@ def _fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
 # Readers
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """Return the text of prompt file ``path``; PromptError if it is not UTF-8 or is empty."""
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from e
+    if not text.strip():
+        raise PromptError(f"{path} is empty: it holds no prompts")
+    return text
+
+
 def read_lines(path: Path) -> list[str]:
-    """Return the stripped non-empty lines of a text file (DDPO's ``_load_lines`` + no blanks)."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Return the stripped lines of a text file, one prompt each (DDPO's ``_load_lines``).
+
+    Blank lines after the last prompt are ignored; a blank line before it raises PromptError
+    naming the line (a prompt is missing there, and for ImageNet line numbers are class ids).
+    """
+    lines = [line.strip() for line in read_text(path).splitlines()]
+    while not lines[-1]:
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line:
+            raise PromptError(f"{path}:{number}: empty line where a prompt should be")
+    return lines
 
 
 def read_json_list(path: Path) -> list[str]:
-    """Return a JSON file's list of prompt strings, or raise PromptError."""
+    """Return a JSON file's non-empty list of prompt strings (stripped), or raise PromptError."""
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PromptError(f"{path} is not valid JSON: {e}") from e
+        raise PromptError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from e
     if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
         raise PromptError(f"{path} must hold a JSON list of prompt strings")
-    return [p.strip() for p in data]
+    if not data:
+        raise PromptError(f"{path} is empty: its JSON list holds no prompts")
+    prompts = [p.strip() for p in data]
+    if "" in prompts:
+        index = prompts.index("")
+        raise PromptError(
+            f"{path}:{_json_entry_line(text, index)}: empty string (entry {index}) where a "
+            "prompt should be"
+        )
+    return prompts
+
+
+def _json_entry_line(text: str, index: int) -> int:
+    """Return the line of entry ``index`` of ``text``, a valid JSON list of strings."""
+    end = 0
+    for _ in range(index + 1):  # outside strings, the only quotes open the list's entries
+        start = text.index('"', end)
+        _, end = json.decoder.scanstring(text, start + 1)
+    return text.count("\n", 0, start) + 1
 
 
 def read_drawbench(path: Path) -> list[tuple[str, str]]:
-    """Return (prompt, category) rows of the DrawBench CSV (columns "Prompts", "Category")."""
-    text = path.read_text(encoding="utf-8-sig")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    fields = {(f or "").strip(): f for f in reader.fieldnames or []}
-    if "Prompts" not in fields or "Category" not in fields:
+    """Return (prompt, category) rows of the DrawBench CSV (columns "Prompts", "Category").
+
+    Blank rows after the last prompt are ignored; a blank row or an empty "Prompts" cell before
+    it, or broken quoting (which would merge rows), raises PromptError naming the line.
+    """
+    reader = csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""), strict=True)
+    header = next(reader)
+    columns = [name.strip() for name in header]
+    if "Prompts" not in columns or "Category" not in columns:
         raise PromptError(
-            f"{path} must be a CSV with columns 'Prompts' and 'Category', got {reader.fieldnames}"
+            f"{path} must be a CSV with columns 'Prompts' and 'Category', got {header}"
         )
-    rows = []
-    for row in reader:
-        prompt = (row[fields["Prompts"]] or "").strip()
-        if prompt:
-            rows.append((prompt, (row[fields["Category"]] or "").strip()))
+    i_prompt, i_category = columns.index("Prompts"), columns.index("Category")
+    rows: list[tuple[str, str]] = []
+    blank = None  # the first blank row's line, an error only if a prompt follows it
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise PromptError(f"{path}:{line}: not a valid CSV row: {e}") from e
+        if row is None:
+            break
+        cells = [cell.strip() for cell in row] + [""] * (len(columns) - len(row))
+        if not any(cells):
+            blank = blank or line
+            continue
+        if blank is not None:
+            raise PromptError(f"{path}:{blank}: empty row where a prompt should be")
+        if not cells[i_prompt]:
+            raise PromptError(f"{path}:{line}: empty 'Prompts' cell where a prompt should be")
+        rows.append((cells[i_prompt], cells[i_category]))
+    if not rows:
+        raise PromptError(f"{path} holds no prompts: only its header")
     return rows
 
 

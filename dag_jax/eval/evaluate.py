@@ -5,10 +5,10 @@
 
 What it does (SPEC §9):
 
-1. rebuilds the run from ``RUN/config.json`` with train.py's builders (``load_model``,
-   ``init_trainable``, ``make_tx``, ``build_phases``) and restores the LoRA of checkpoint
-   ``--step`` (default: the latest) from ``RUN/checkpoints``; ``--base`` evaluates the base
-   model instead (the initial LoRA, whose B = 0, adds nothing);
+1. rebuilds the run from ``RUN/config.json`` (``dag_jax.train.workdir.restore_run``: the
+   training builders, then ``build_phases``) and restores the LoRA of checkpoint ``--step``
+   (default: the latest) from ``RUN/checkpoints``; ``--base`` evaluates the base model instead
+   (the initial LoRA, whose B = 0, adds nothing);
 2. samples K images for every prompt of each split with the run's sampler (DDIM steps, η,
    guidance, negative prompt; ``--eta`` overrides η). Noise is fixed: image j of prompt p of
    split s comes from the per-sample key ``fold_in(fold_in(key(seed), s), p·2¹⁶ + j)``, the
@@ -61,15 +61,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from dag_jax import rewards, train
+from dag_jax import rewards
 from dag_jax.eval import diversity
 from dag_jax.eval.features import FeatureExtractor, default_feature_model, load_feature_extractor
-from dag_jax.infra import parallel, xla_cpu
-from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.infra import cpu_tuning
 from dag_jax.infra.metrics import image_grid, to_json_number
+from dag_jax.rewards.base import scorer
+from dag_jax.train.config import ConfigError, objective_of
+from dag_jax.train.phases import Phases, build_phases
+from dag_jax.train.run import load_prompts, put_batch
+from dag_jax.train.workdir import Run, restore_run
 
 log = logging.getLogger("dag_jax.eval.evaluate")
 
@@ -100,87 +103,6 @@ SETTINGS_THAT_FIX_SAMPLES = (
 )
 
 
-# --------------------------------------------------------------------------- the run
-
-
-def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Return the run's config: ``RUN/config.json`` over configs/base.py's defaults.
-
-    Keys the run's file lacks (added to the project after the run) keep their defaults, so an
-    older run still rebuilds. Raises FileNotFoundError when there is no config.json.
-    """
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
-    loaded = json.loads(path.read_text(encoding="utf-8"))
-    config = train.default_config() or ml_collections.ConfigDict()
-    _merge(config, loaded)
-    return config
-
-
-def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
-    """Set ``values`` (a nested dict) into ``config`` in place; reward options are replaced."""
-    for key, value in values.items():
-        node = config.get(key)
-        if isinstance(value, Mapping) and isinstance(node, ml_collections.ConfigDict):
-            if key == "options":
-                config[key] = ml_collections.ConfigDict(dict(value))
-            else:
-                _merge(node, value)
-            continue
-        with config.ignore_type():
-            config[key] = tuple(value) if isinstance(value, list) else value
-
-
-@dataclasses.dataclass
-class Run:
-    """A training run rebuilt for evaluation: config, model, the initial and restored LoRA."""
-
-    workdir: Path
-    config: ml_collections.ConfigDict
-    mesh: Any
-    model: train.Model
-    tx: Any
-    initial: dict  # init_trainable's tree: its LoRA B = 0, i.e. the base model
-    trainable: dict | None = None  # the restored checkpoint's tree (None: not restored)
-    step: int | None = None
-    extra: dict = dataclasses.field(default_factory=dict)
-
-
-def restore_run(workdir: str | os.PathLike, step: int | None = None, restore: bool = True) -> Run:
-    """Rebuild the run in ``workdir`` and (``restore``) load checkpoint ``step`` (None: latest).
-
-    Uses train.py's builders as ``train_and_evaluate`` does (``load_model``,
-    ``init_trainable``, ``make_tx``; the restore template is ``train.checkpoint_template``), so
-    the restored tree matches what the run saved. The checkpoints are opened
-    read-only: a live run's saves are left alone. Raises FileNotFoundError when there is no
-    config.json or no (such) checkpoint.
-    """
-    workdir = Path(workdir)
-    config = read_run_config(workdir)
-    fsdp = config.mesh.fsdp if jax.device_count() % max(config.mesh.fsdp, 1) == 0 else 1
-    mesh = parallel.make_mesh(-1, fsdp)
-    model = train.load_model(config, mesh)
-    key = jax.random.key(config.seed)
-    initial = train.init_trainable(model, config, jax.random.fold_in(key, 1 << 31))
-    # one placement for the initial and the restored trees: the sampler compiles once
-    initial = parallel.put(initial, parallel.replicated(mesh))
-    tx = train.make_tx(config, initial)
-    run = Run(workdir, config, mesh, model, tx, initial)
-    if not restore:
-        return run
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
-    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
-        restored = ckpt.restore(train.checkpoint_template(model, config), epoch=step)
-    if restored is None:
-        raise FileNotFoundError(f"no readable checkpoint in {directory}")
-    run.step, arrays, run.extra = restored
-    run.trainable = parallel.put(arrays["trainable"], parallel.replicated(mesh))
-    return run
-
-
 # --------------------------------------------------------------------------- prompts
 
 
@@ -191,7 +113,7 @@ def prompt_splits(
 
     See the module docstring for the rules; ``max_prompts`` > 0 keeps the first N per split.
     """
-    train_prompts = train.load_prompts(config)
+    train_prompts = load_prompts(config)
     if config.prompts.name == "inline":
         trained = set(train_prompts)
         test = [p for p in TINY_TEST_PROMPTS if p not in trained]
@@ -238,29 +160,12 @@ def sample_indices(num_prompts: int, num_per_prompt: int) -> np.ndarray:
     return (p * SEED_STRIDE + j).reshape(-1).astype(np.uint32)
 
 
-class Scorer:
-    """Scores batches of images against prompts (indices into a fixed prompt list)."""
-
-    def __init__(self, reward: rewards.Reward, prompts: Sequence[str]):
-        self.reward = reward
-        self.prompts = list(prompts)
-        self._fn = jax.jit(reward.bound_with_params(self.prompts)) if reward.jittable else None
-
-    def __call__(self, images: jax.Array, prompt_idx: np.ndarray) -> np.ndarray:
-        """Return (B,) float32 rewards of (B, H, W, 3) images in [0, 1]."""
-        if self._fn is not None:
-            idx = jax.numpy.asarray(prompt_idx, jax.numpy.int32)
-            return np.asarray(self._fn(self.reward.params, images, idx), np.float32)
-        prompts = [self.prompts[i] for i in prompt_idx]
-        return np.asarray(self.reward(np.asarray(images), prompts), np.float32)
-
-
 @dataclasses.dataclass
 class Evaluator:
     """Samples, scores and embeds the images of one run's model, base or aligned."""
 
     run: Run
-    phases: train.Phases
+    phases: Phases
     extractor: FeatureExtractor
     rewards: dict[str, rewards.Reward]
     num_per_prompt: int
@@ -279,7 +184,7 @@ class Evaluator:
         salts = sample_indices(len(prompts), k)
         n, bs = salts.size, self.batch_size
         ekey = split_key(self.seed, split)
-        scorers = {name: Scorer(r, prompts) for name, r in self.rewards.items()}
+        scorers = {name: scorer(r, prompts) for name, r in self.rewards.items()}
         scores: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
         feats: list[np.ndarray] = []
         gp, gs = min(self.grid_prompts, len(prompts)), min(self.grid_seeds, k)
@@ -293,12 +198,12 @@ class Evaluator:
             _, images = self.phases.sample(
                 model.frozen,
                 trainable,
-                train.put_batch(mesh, ids[prompt_idx]),
-                train.put_batch(mesh, salts[rows].astype(np.int32)),
+                put_batch(mesh, ids[prompt_idx]),
+                put_batch(mesh, salts[rows].astype(np.int32)),
                 ekey,
             )
-            for name, scorer in scorers.items():
-                scores[name].append(scorer(images, prompt_idx)[:valid])
+            for name, score in scorers.items():
+                scores[name].append(score(images, prompt_idx)[:valid])
             feats.append(self.extractor(images)[:valid])
             host = np.asarray(images)[:valid]
             if grid is None:
@@ -491,7 +396,7 @@ def _evaluate_model(
         "base": tag == BASE_TAG,
         "label": run_label(c.to_dict()),
         "algo": str(c.algo),
-        "objective": train.objective_of(c),
+        "objective": objective_of(c),
         "model": str(c.model),
         "reward": str(c.reward.name),
         "trajectories_seen": extra.get("trajectories_seen", 0),
@@ -554,15 +459,15 @@ def evaluate(
     extractor = load_feature_extractor(
         feature_model or default_feature_model(str(run.config.model))
     )
-    scorers = {str(run.config.reward.name): run.model.reward}
+    named_rewards = {str(run.config.reward.name): run.model.reward}
     options = dict(reward_options or {})
     for name in extra_rewards:
-        scorers.setdefault(name, rewards.get(name, **dict(options.get(name, {}))))
+        named_rewards.setdefault(name, rewards.get(name, **dict(options.get(name, {}))))
     ev = Evaluator(
         run=run,
-        phases=train.build_phases(run.model, run.config, run.tx),
+        phases=build_phases(run.model, run.config, run.tx),
         extractor=extractor,
-        rewards=scorers,
+        rewards=named_rewards,
         num_per_prompt=num_per_prompt,
         seed=seed,
         batch_size=batch_size or int(run.config.sample.chunk),
@@ -628,6 +533,7 @@ def define_flags() -> None:
     flags.DEFINE_float("eta", None, "DDIM η (default: the run's sample.eta)")
     flags.DEFINE_string("out", None, "output folder (default: WORKDIR/eval)")
     flags.mark_flags_as_required(["workdir"])
+    cpu_tuning.define_flag()
 
 
 def main(argv) -> None:
@@ -637,7 +543,7 @@ def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     f = flags.FLAGS
-    xla_cpu.tune_for_cpu()
+    cpu_tuning.apply_if_requested(f.cpu_tuning)
     try:
         result = evaluate(
             f.workdir,
@@ -657,7 +563,7 @@ def main(argv) -> None:
             eta=f.eta,
             out=f.out,
         )
-    except (FileNotFoundError, ValueError, train.ConfigError, rewards.RewardError) as err:
+    except (FileNotFoundError, ValueError, ConfigError, rewards.RewardError) as err:
         raise SystemExit(f"error: {err}") from None
     print("\n".join(summary_lines(result)), flush=True)
 

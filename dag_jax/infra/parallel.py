@@ -281,6 +281,15 @@ def process_indices(epoch_offset: int, global_batch: int, mesh: Mesh | None = No
     return global_indices(epoch_offset, global_batch)[process_rows(global_batch, mesh)]
 
 
+def any_process(flag: bool) -> bool:
+    """Return whether ``flag`` is true on any process (every process must call this)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
 def count_unique(keys_or_noise: Any) -> int:
     """Return how many distinct rows (trajectories) a (B, ...) batch of keys or noise holds."""
     rows = gather(keys_or_noise)

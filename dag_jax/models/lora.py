@@ -74,7 +74,8 @@ def init_lora(key: jax.Array, params: Mapping, config: LoRAConfig) -> dict:
     return traverse_util.unflatten_dict(lora)
 
 
-def _pairs(lora: Mapping) -> dict[tuple, tuple[jax.Array, jax.Array]]:
+def pairs(lora: Mapping) -> dict[tuple, tuple[jax.Array, jax.Array]]:
+    """Return {module path: (A (in, r), B (r, out))} of a LoRA tree, sorted by path."""
     flat = traverse_util.flatten_dict(dict(lora))
     modules = {path[:-1] for path in flat}
     out = {}
@@ -88,7 +89,7 @@ def _pairs(lora: Mapping) -> dict[tuple, tuple[jax.Array, jax.Array]]:
 def merge(params: Mapping, lora: Mapping, scale: float) -> dict:
     """Return base params with W + scale·A·B in every LoRA-adapted kernel (fp32)."""
     flat = traverse_util.flatten_dict(dict(params))
-    for module, (a, b) in _pairs(lora).items():
+    for module, (a, b) in pairs(lora).items():
         path = module + ("kernel",)
         if path not in flat:
             raise KeyError(f"LoRA adapts {'/'.join(module)}, which the base params do not have")

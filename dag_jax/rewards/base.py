@@ -230,3 +230,43 @@ def jax_reward(
         params=params,
         bind_params=bind_params,
     )
+
+
+# (images (B, H, W, 3) float in [0, 1], prompt_idx (B,) indices into the prompt list)
+#   -> (B,) float32 host scores
+ScoreFn = Callable[[jax.Array, Any], np.ndarray]
+
+
+def scorer(
+    reward: Reward,
+    prompts: Sequence[str],
+    *,
+    to_host: Callable[[Any], np.ndarray] = np.asarray,
+    jitted: Callable | None = None,
+) -> ScoreFn:
+    """Return ``score(images, prompt_idx)`` → (B,) float32 host scores of ``reward`` on ``prompts``.
+
+    JAX-native rewards run jitted, with ``reward.params`` passed as an argument (not baked in
+    as constants); ``prompt_idx`` may be a host or a device (e.g. batch-sharded) array.
+    ``jitted`` is a ready ``jax.jit(reward.bound_with_params(prompts))`` to reuse, so that a
+    caller scoring batch after batch compiles once (None: jitted here). Host rewards score the
+    host images against the prompt strings. ``to_host`` brings device arrays (the images, a
+    jitted reward's scores, device indices) to the host: ``dag_jax.infra.parallel.gather`` for
+    arrays sharded over processes.
+    """
+    table = list(prompts)
+    if not reward.jittable:
+
+        def host_score(images: jax.Array, prompt_idx: Any) -> np.ndarray:
+            idx = np.asarray(to_host(prompt_idx)).reshape(-1)
+            scores = reward(np.asarray(to_host(images)), [table[int(i)] for i in idx])
+            return np.asarray(scores, np.float32)
+
+        return host_score
+    fn = jitted if jitted is not None else jax.jit(reward.bound_with_params(table))
+
+    def jax_score(images: jax.Array, prompt_idx: Any) -> np.ndarray:
+        idx = prompt_idx if isinstance(prompt_idx, jax.Array) else np.asarray(prompt_idx, np.int32)
+        return np.asarray(to_host(fn(reward.params, images, idx)), np.float32)
+
+    return jax_score

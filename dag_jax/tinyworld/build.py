@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax.infra import xla_cpu
+from dag_jax.infra import cpu_tuning
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.tinyworld import bpe, models, pretrain, shapes
@@ -239,6 +239,7 @@ def define_flags() -> None:
     flags.DEFINE_float("scale", 1.0, "multiply every stage's steps (tests use tiny values)")
     flags.DEFINE_bool("restart", False, "retrain every stage even if the workdir has it")
     flags.DEFINE_bool("measure", True, "measure the written world (report.json, grid)")
+    cpu_tuning.define_flag()
 
 
 def main(argv) -> None:
@@ -248,7 +249,7 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    xla_cpu.tune_for_cpu()
+    cpu_tuning.apply_if_requested(f.cpu_tuning)
     recipe = pretrain.Recipe(seed=f.seed).scaled(f.scale)
     log.info("recipe %s on %s", dataclasses.asdict(recipe), jax.devices()[0].platform)
     work, out = Path(f.workdir), Path(f.out)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from dag_jax import rewards
+from dag_jax import configs, rewards
+from dag_jax.infra import cpu_tuning
 from dag_jax.train.config import ConfigError
-from dag_jax.train.loop import train_and_evaluate
+from dag_jax.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 from dag_jax.train.update import NonFiniteLoss
 
 log = logging.getLogger("dag_jax.train")
@@ -15,7 +16,7 @@ log = logging.getLogger("dag_jax.train")
 
 
 def define_flags() -> None:
-    """Define --config (ml_collections config file with overrides) and --workdir."""
+    """Define --config (ml_collections config file with overrides), --workdir, --cpu_tuning."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -24,6 +25,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, samples)")
     flags.mark_flags_as_required(["config", "workdir"])
+    cpu_tuning.define_flag()
 
 
 def main(argv) -> None:
@@ -32,9 +34,13 @@ def main(argv) -> None:
 
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = flags.FLAGS.config
+    cpu_tuning.apply_if_requested(flags.FLAGS.cpu_tuning)
     try:
+        cfg = configs.from_flag(flags.FLAGS["config"])  # --config.algo=X: X's release settings
         train_and_evaluate(cfg, flags.FLAGS.workdir)
+    except Preempted as err:
+        print(f"stopped: {err}", flush=True)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (ConfigError, rewards.RewardError, NonFiniteLoss, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 

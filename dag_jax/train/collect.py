@@ -1,35 +1,47 @@
-"""Sampling and scoring an epoch: trajectories, rewards, advantages (DDPO, B² selection)."""
+"""Sampling and scoring for an epoch: plain trajectories or B²'s prefixes and branches.
+
+What the objectives build their epochs from (``objectives/``); advantages are theirs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax.algos import b2
 from dag_jax.diffusion.sampler import Trajectory, sample_keys
 from dag_jax.infra import parallel
-from dag_jax.train.config import GROUP_SCALES, objective_of
-from dag_jax.train.phases import Phases
-from dag_jax.train.run import Model, put_batch
-from dag_jax.train.state import LoopState, host_rng
+from dag_jax.rewards.base import scorer
+from dag_jax.train.run import put_batch
 
-log = logging.getLogger("dag_jax.train")
+if TYPE_CHECKING:
+    from dag_jax.train.phases import Context
 
 
-def score(model: Model, phases: Phases, images: jax.Array, prompt_idx: np.ndarray, mesh):
+@dataclasses.dataclass
+class Collected:
+    """An epoch's trajectories with their per-trajectory host data."""
+
+    traj: Trajectory  # (N, K+1, ...) global arrays
+    prompt_idx: np.ndarray  # (N,)
+    rewards: np.ndarray  # (N,) reward of each final image
+    advantage: np.ndarray  # (N,)
+    weight: np.ndarray  # (N,) 1 = trained
+    unique: int
+
+
+def score(ctx: Context, images: jax.Array, prompt_idx: np.ndarray) -> np.ndarray:
     """Return (B,) fp32 rewards on the host (JAX rewards jitted, host ones on gathered images)."""
-    if model.reward.jittable:
-        out = phases.reward(model.reward.params, images, put_batch(mesh, prompt_idx))
-        return np.asarray(parallel.gather(out), np.float32)
-    prompts = [model.prompts[i] for i in prompt_idx]
-    return np.asarray(model.reward(np.asarray(parallel.gather(images)), prompts), np.float32)
+    model, jitted = ctx.model, ctx.phases.reward
+    fn = scorer(model.reward, model.prompts, to_host=parallel.gather, jitted=jitted)
+    return fn(images, put_batch(ctx.mesh, prompt_idx) if model.reward.jittable else prompt_idx)
 
 
 def concat_trajectories(trajs: list[Trajectory]) -> Trajectory:
+    """Return the trajectories of a list of chunks as one batch."""
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *trajs)
 
 
@@ -46,100 +58,46 @@ def take_rows(traj: Trajectory, index: np.ndarray) -> Trajectory:
     )
 
 
-@dataclasses.dataclass
-class Collected:
-    """An epoch's trajectories with their per-trajectory host data."""
-
-    traj: Trajectory  # (N, K+1, ...) global arrays
-    prompt_idx: np.ndarray  # (N,)
-    rewards: np.ndarray  # (N,) reward of each final image
-    advantage: np.ndarray  # (N,)
-    weight: np.ndarray  # (N,) 1 = trained
-    unique: int
+def unique_count(ekey: jax.Array, n: int) -> int:
+    """Return how many of the epoch's sample indices 0..n−1 have distinct noise keys."""
+    keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
+    return parallel.count_unique(np.asarray(keys))
 
 
-def sample_scored(model: Model, phases: Phases, mesh, trainable, prompt_idx, ekey, chunk: int):
+def sample_scored(
+    ctx: Context, trainable: dict, prompt_idx: np.ndarray, ekey: jax.Array, chunk: int
+) -> tuple[Trajectory, np.ndarray]:
     """Return (trajectories, (N,) rewards) of sample indices 0..N−1 of ``prompt_idx``, by chunk."""
-    trajs, rewards_ = [], []
+    model, mesh = ctx.model, ctx.mesh
+    trajs, rewards = [], []
     for lo in range(0, prompt_idx.size, chunk):
         idx = np.arange(lo, lo + chunk, dtype=np.int32)
         ids = put_batch(mesh, model.prompt_ids[prompt_idx[idx]])
-        traj, images = phases.sample(model.frozen, trainable, ids, put_batch(mesh, idx), ekey)
+        traj, images = ctx.phases.sample(model.frozen, trainable, ids, put_batch(mesh, idx), ekey)
         trajs.append(traj)
-        rewards_.append(score(model, phases, images, prompt_idx[idx], mesh))
-    return concat_trajectories(trajs), np.concatenate(rewards_)
+        rewards.append(score(ctx, images, prompt_idx[idx]))
+    return concat_trajectories(trajs), np.concatenate(rewards)
 
 
-def group_advantages(rewards_: np.ndarray, group: int, scale: str = "group") -> np.ndarray:
-    """Return (N,) rewards standardised within consecutive groups of ``group``.
+def branch_sampled(
+    ctx: Context, trainable: dict, prompt_idx: np.ndarray, ekey: jax.Array, length: int
+) -> tuple[Trajectory, np.ndarray]:
+    """Return (branch trajectories over the last ``length`` steps, (P·Nb,) rewards).
 
-    The groups of ``sample.group`` share their prompt and initial noise x_T, so the baseline
-    removes what x_T decides (most of a short sampler's reward variance) without bias: x_T is
-    not an action of the policy. Each group's mean is subtracted; ``scale`` "group" divides by
-    each group's own std (+ 1e-6), "pooled" by one std over every group's deviations (the
-    root mean square of the groups' stds, + 1e-6), which keeps the groups' relative spreads.
+    Each prompt's prefix runs x_T to the interval start; ``b2.branches`` branches finish it
+    with their own noise. Rows are prefix-major (a prefix's branches are consecutive).
     """
-    if scale not in GROUP_SCALES:
-        raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
-    r = np.asarray(rewards_, np.float64).reshape(-1, group)
-    d = r - r.mean(1, keepdims=True)
-    std = d.std(1, keepdims=True) if scale == "group" else np.sqrt(np.mean(d**2))
-    return (d / (std + 1e-6)).reshape(-1).astype(np.float32)
-
-
-def collect(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
-    """Return the epoch's trajectories (plain sampling) with rewards and DDPO advantages."""
-    c = config
-    n, chunk = c.sample.trajectories, c.sample.chunk
-    g = c.sample.group
-    prompt_idx = np.repeat(host_rng(c, state.epoch, 0).integers(0, len(model.prompts), n // g), g)
-    traj, r = sample_scored(model, phases, mesh, state.trainable, prompt_idx, ekey, chunk)
-    adv = np.zeros(n, np.float32)
-    if objective_of(c) == "ddpo" and g > 1:  # standardised within each shared-x_T group
-        adv = group_advantages(r, g, c.ddpo.group_scale)
-    elif objective_of(c) == "ddpo":  # DDPO's per-prompt running statistics (release)
-        adv = np.asarray(state.tracker.update(prompt_idx.tolist(), r), np.float32)
-    keys = jax.random.key_data(sample_keys(ekey, jnp.arange(n)))
-    unique = parallel.count_unique(np.asarray(keys))
-    return Collected(traj, prompt_idx, r, adv, np.ones(n, np.float32), unique)
-
-
-def collect_b2(model: Model, phases: Phases, config, mesh, state: LoopState, ekey) -> Collected:
-    """Return one B² stage: prefixes to the interval start, branches over the interval."""
-    c = config
-    length = b2.interval_length(state.epoch, c.b2.stages, c.b2.low, c.b2.high)
-    start = c.sample.steps - length
-    p, chunk, nb = c.b2.prefixes, min(c.sample.chunk, c.b2.prefixes), c.b2.branches
-    prompt_idx = host_rng(c, state.epoch, 0).integers(0, len(model.prompts), p)
-    trajs, rewards_ = [], []
-    for lo in range(0, p, chunk):
+    c, model, mesh = ctx.config, ctx.model, ctx.mesh
+    start, nb = c.sample.steps - length, c.b2.branches
+    chunk = min(c.sample.chunk, prompt_idx.size)
+    trajs, rewards = [], []
+    for lo in range(0, prompt_idx.size, chunk):
         idx = np.arange(lo, lo + chunk, dtype=np.int32)
         ids = put_batch(mesh, model.prompt_ids[prompt_idx[idx]])
-        x, ctx, keys = phases.prefix(
-            model.frozen, state.trainable, ids, put_batch(mesh, idx), ekey, start
+        x, context, keys = ctx.phases.prefix(
+            model.frozen, trainable, ids, put_batch(mesh, idx), ekey, start
         )
-        traj, images = phases.branches(model.frozen, state.trainable, x, ctx, keys, start, length)
+        traj, images = ctx.phases.branches(model.frozen, trainable, x, context, keys, start, length)
         trajs.append(traj)
-        rewards_.append(score(model, phases, images, np.repeat(prompt_idx[idx], nb), mesh))
-    r = np.concatenate(rewards_).reshape(p, nb)
-    state.history.add_stage(prompt_idx.tolist(), r)
-    if c.b2.baseline == "prefix":  # within the branches of one prefix
-        z = group_advantages(r.reshape(-1), nb, c.ddpo.group_scale)
-        z = z.reshape(p, nb).astype(np.float64)
-    else:  # against the prompt's pooled history (release)
-        z = b2.group_zscores(prompt_idx.tolist(), r, state.history)
-    if c.b2.objective != "ddpo":  # DAG objectives need no advantages: train every branch
-        mask, adv = np.ones(z.shape, bool), np.zeros(z.shape)
-    elif c.b2.select:
-        sel = b2.select(z, c.b2.threshold, c.b2.adv_clip)
-        mask, adv = sel.mask, sel.advantages
-    else:  # PPO on every branch with its clipped z-score
-        mask, adv = np.ones(z.shape, bool), np.clip(z, -c.b2.adv_clip, c.b2.adv_clip)
-    return Collected(
-        concat_trajectories(trajs),
-        np.repeat(prompt_idx, nb),
-        r.reshape(-1),
-        adv.reshape(-1).astype(np.float32),
-        mask.reshape(-1).astype(np.float32),
-        p * nb,  # every branch has its own noise keys
-    )
+        rewards.append(score(ctx, images, np.repeat(prompt_idx[idx], nb)))
+    return concat_trajectories(trajs), np.concatenate(rewards)

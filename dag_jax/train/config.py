@@ -10,19 +10,20 @@ from typing import Any
 import ml_collections
 
 from dag_jax import rewards
+from dag_jax.algos.stats import GROUP_SCALES
 from dag_jax.algos.transitions import (
     states_are_shared,
 )
+from dag_jax.configs import base
 from dag_jax.diffusion.schedule import Schedule
 
 log = logging.getLogger("dag_jax.train")
 
-ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+ALGOS = base.ALGOS
 B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
 DAG_BASELINES = ("rows", "step")
 FL_SOURCES = ("current", "sampling")
 B2_BASELINES = ("prompt", "prefix")
-GROUP_SCALES = ("group", "pooled")
 
 
 class ConfigError(ValueError):
@@ -33,20 +34,16 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Return configs/base.py's defaults (the set of keys a config may have)."""
-    import runpy
-
-    base = Path(__file__).resolve().parents[1] / "configs" / "base.py"
-    if base.exists():
-        return runpy.run_path(str(base))["get_config"]()
-    return None
+    """Return every key a config may have, with its default (``dag_jax.configs.base``)."""
+    return base.get_config()
 
 
-def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Return {dotted key: value} of a config (reward options count as one value)."""
     out = {}
     for k, v in c.items():
         if isinstance(v, ml_collections.ConfigDict) and k not in ("options",):
-            out.update(_flat_keys(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -54,18 +51,20 @@ def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raise ConfigError naming the first problem, before anything is built or compiled."""
-    default = default_config()
-    if default is not None:
-        unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(default)))
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    known = set(flat_keys(default_config()))
+    unknown = sorted(set(flat_keys(config)) - known)
+    if unknown:
+        hints = [f"{k}{base.did_you_mean(k, known)}" for k in unknown]
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
     if config.algo not in ALGOS:
-        raise ConfigError(f"config.algo must be one of {ALGOS}, got {config.algo!r}")
+        hint = base.did_you_mean(config.algo, ALGOS)
+        raise ConfigError(f"config.algo must be one of {ALGOS}, got {config.algo!r}{hint}")
     if config.b2.objective not in B2_OBJECTIVES:
         raise ConfigError(f"config.b2.objective must be one of {B2_OBJECTIVES}")
     if config.reward.name not in rewards.names():
+        hint = base.did_you_mean(config.reward.name, rewards.names())
         raise ConfigError(
-            f"unknown reward {config.reward.name!r}; known rewards: {', '.join(rewards.names())}"
+            f"unknown reward {config.reward.name!r}{hint}; known: {', '.join(rewards.names())}"
         )
     model = str(config.model)
     if model not in ("random-tiny", "tiny") and (
@@ -158,9 +157,11 @@ def fl_from_sampling(c) -> bool:
 def flow_per_state(c, schedule: Schedule, start: int, num_steps: int) -> bool:
     """Return whether a window of steps [start, start + num_steps) computes F̃ once per state.
 
-    DAG objectives with ``dag.flow_once_per_state``, where the states chain exactly
-    (``transitions.states_are_shared``); otherwise F̃ is evaluated per row, as released.
+    DAG objectives, where the states chain exactly (``transitions.states_are_shared``): F̃ of
+    each state once per window (a forward at its start, one VJP over the states at its end),
+    the same gradient as the release's F̃ on [x_t; x_s] per row with half the flow passes that
+    need a backward. Otherwise F̃ is evaluated per row, as released.
     """
-    if not (objective_of(c).startswith("dag") and c.dag.flow_once_per_state):
+    if not objective_of(c).startswith("dag"):
         return False
     return states_are_shared(schedule, start, num_steps)

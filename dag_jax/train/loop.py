@@ -16,6 +16,9 @@ One epoch (one B² stage) reads top to bottom:
               states at its end, ``dag.flow_once_per_state``);
   5. log and checkpoint.
 
+The state is a ``TrainState`` passed into each step and returned by it; each objective
+(``objectives/``) says how its epoch is collected, cut into windows and trained.
+
 Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
 sample indices, so any mesh shape and any restart gives the same numbers. Workdir contents:
 see README.md ("The workdir").
@@ -23,7 +26,6 @@ see README.md ("The workdir").
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import time
@@ -33,21 +35,31 @@ import jax
 import ml_collections
 import numpy as np
 
-from dag_jax.algos import b2, dag
-from dag_jax.algos.stats import PerPromptStatTracker
-from dag_jax.infra import parallel, xla_cpu
+from dag_jax.algos import dag
+from dag_jax.infra import parallel
 from dag_jax.infra.checkpoint import Checkpointer
 from dag_jax.infra.metrics import MetricsWriter, ProgressLine
-from dag_jax.train.collect import Collected, collect, collect_b2
+from dag_jax.train import objectives
+from dag_jax.train.collect import Collected
 from dag_jax.train.config import validate
-from dag_jax.train.phases import build_phases
+from dag_jax.train.phases import Context, build_phases
 from dag_jax.train.run import init_trainable, load_model, make_tx, put_batch
-from dag_jax.train.state import LoopState
-from dag_jax.train.update import train_on
+from dag_jax.train.state import TrainState
+from dag_jax.train.update import train_epoch
 
 log = logging.getLogger("dag_jax.train")
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, the convention for "stopped by SIGTERM"
 
-# --------------------------------------------------------------------------- the run
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM (preemption) after saving what resuming needs."""
+
+    def __init__(self, epoch: int, workdir: str):
+        super().__init__(
+            f"preempted: stopped at an update-window boundary; the checkpoint of epoch {epoch} "
+            f"in {workdir} is what the same command resumes from"
+        )
+        self.epoch = epoch
 
 
 def num_epochs(config) -> int:
@@ -55,23 +67,24 @@ def num_epochs(config) -> int:
     return config.b2.stages if config.algo == "b2" else config.train.epochs
 
 
-def write_grid(model, phases, config, mesh, state, writer) -> None:
+def write_grid(ctx: Context, state: TrainState, writer: MetricsWriter) -> None:
     """Write a sample grid of fixed prompts × seeds (η = 0) to the workdir."""
-    c = config
+    c, model, mesh = ctx.config, ctx.model, ctx.mesh
     p = min(c.log.grid_prompts, len(model.prompts))
     n = p * c.log.grid_seeds
     pidx = np.repeat(np.arange(p), c.log.grid_seeds)
     ids = put_batch(mesh, model.prompt_ids[pidx], batch_axis=False)
     idx = put_batch(mesh, np.arange(n, dtype=np.int32), batch_axis=False)
-    images = parallel.gather(phases.grid(model.frozen, state.trainable, ids, idx))
+    images = parallel.gather(ctx.phases.grid(model.frozen, state.trainable, ids, idx))
     writer.write_images(state.epoch, "grid", np.asarray(images), rows=p)
 
 
-class _Preemption:
-    """Remembers a SIGTERM (TPU preemption) so the loop can save and stop cleanly."""
+class SigtermFlag:
+    """Remembers a SIGTERM (preemption notice) while the loop runs; ``requested()`` asks all
+    processes, so every one of them stops at the same update window."""
 
     def __init__(self):
-        self.requested = False
+        self.received = False
         self._old = None
 
     def __enter__(self):
@@ -82,18 +95,39 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping after the current window")
-        self.requested = True
+        log.warning("SIGTERM: stopping at the next update-window boundary")
+        self.received = True
+
+    def requested(self) -> bool:
+        """Return whether any process received SIGTERM (a collective on several processes)."""
+        return parallel.any_process(self.received)
 
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopState:
-    """Run (or resume) the training run of ``config`` in ``workdir``; return the final state."""
+def run_epoch(ctx: Context, state: TrainState, key: jax.Array, stop) -> tuple:
+    """Return (the state after one epoch, its metrics record, whether it finished)."""
+    c, total, t0 = ctx.config, num_epochs(ctx.config), time.time()
+    ekey = jax.random.fold_in(key, state.epoch)
+    data, state = ctx.objective.collect(ctx, state, ekey)
+    beta = dag.annealed_beta(c.dag.beta, state.epoch, total, c.dag.anneal_fraction)
+    state, updates, finished = train_epoch(ctx, state, data, beta, stop)
+    state = state.replace(
+        epoch=state.epoch + 1,
+        trajectories_seen=state.trajectories_seen + int(data.rewards.size),
+        unique_trajectories=state.unique_trajectories + int(data.unique),
+    )
+    return state, epoch_scalars(state, data, updates, beta, time.time() - t0), finished
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Run (or resume) the training run of ``config`` in ``workdir``; return the final state.
+
+    Raises ``Preempted`` after SIGTERM, once the last complete epoch is checkpointed.
+    """
     parallel.initialize_distributed()
-    xla_cpu.tune_for_cpu()
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.size)
     workdir = Path(workdir)
@@ -104,67 +138,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LoopS
     key = jax.random.key(config.seed)
     # committed, replicated from the start: the arrays the jitted phases return look the same,
     # so epoch 2 reuses epoch 1's programs instead of compiling them again
-    replicate_ = functools.partial(replicate, mesh)
-    trainable = replicate_(init_trainable(model, config, jax.random.fold_in(key, 1 << 31)))
+    trainable = replicate(mesh, init_trainable(model, config, jax.random.fold_in(key, 1 << 31)))
     tx = make_tx(config, trainable)
-    state = LoopState(
-        epoch=0,
+    objective = objectives.get(config)
+    ctx = Context(model, config, mesh, objective, build_phases(model, config, tx))
+    state = TrainState(
         trainable=trainable,
-        opt_state=replicate_(tx.init(trainable)),
-        tracker=PerPromptStatTracker(config.ddpo.tracker_buffer, config.ddpo.tracker_min_count),
-        history=b2.RewardHistory(config.b2.history),
+        opt_state=replicate(mesh, tx.init(trainable)),
+        trackers=objective.trackers(config),
     )
-    phases = build_phases(model, config, tx)
     total = num_epochs(config)
     with Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep) as ckpt:
-        restored = ckpt.restore({"trainable": state.trainable, "opt_state": state.opt_state})
+        restored = ckpt.restore(state.arrays())
         if restored is not None:
             _, arrays, extra = restored
-            state.trainable, state.opt_state = arrays["trainable"], arrays["opt_state"]
-            state.load_extra(extra)
+            state = state.with_restored(arrays, extra)
             log.info("resumed from epoch %d in %s", state.epoch, workdir)
         writer = MetricsWriter(workdir)
         writer.truncate_after(state.epoch)  # drop lines of epochs the checkpoint does not hold
         progress = ProgressLine(total, start_epoch=state.epoch)
-        saved_epoch = state.epoch
-        with _Preemption() as preempt:
-            while state.epoch < total and not preempt.requested:
-                start_state = (state.trainable, state.opt_state, state.extra())
-                t0 = time.time()
-                ekey = jax.random.fold_in(key, state.epoch)
-                gather = collect_b2 if config.algo == "b2" else collect
-                data = gather(model, phases, config, mesh, state, ekey)
-                beta = dag.annealed_beta(
-                    config.dag.beta, state.epoch, total, config.dag.anneal_fraction
-                )
-                updates = train_on(model, phases, config, mesh, state, data, beta)
-                if preempt.requested:  # the epoch is incomplete: keep its start
-                    state.trainable, state.opt_state, extra = start_state
-                    state.load_extra(extra)
+        saved_epoch, preempted = state.epoch, False
+        with SigtermFlag() as sigterm:
+            while state.epoch < total:
+                new, scalars, finished = run_epoch(ctx, state, key, sigterm.requested)
+                if not finished:  # preempted mid-epoch: keep the last complete epoch
+                    preempted = True
                     break
-                state.trajectories_seen += int(data.rewards.size)
-                state.unique_trajectories += int(data.unique)
-                state.epoch += 1
-                scalars = epoch_scalars(state, data, updates, beta, time.time() - t0)
+                state = new
                 writer.write_scalars(state.epoch, scalars)
                 line = progress.update(
                     state.epoch,
                     scalars["reward_mean"],
                     scalars["reward_std"],
                     scalars["loss"],
-                    int(data.rewards.size),
+                    int(scalars["trajectories"]),
                 )
                 if jax.process_index() == 0:
                     print(line, flush=True)
                 if config.log.grid_every_epochs and state.epoch % config.log.grid_every_epochs == 0:
-                    write_grid(model, phases, config, mesh, state, writer)
+                    write_grid(ctx, state, writer)
                 if state.epoch % config.checkpoint.every_epochs == 0 or state.epoch == total:
-                    ckpt.save(state.epoch, state_arrays(state), state.extra())
+                    ckpt.save(state.epoch, state.arrays(), state.extra())
                     saved_epoch = state.epoch
+                if state.epoch < total and sigterm.requested():
+                    preempted = True
+                    break
             if saved_epoch != state.epoch:
-                ckpt.save(state.epoch, state_arrays(state), state.extra())
+                ckpt.save(state.epoch, state.arrays(), state.extra())
             ckpt.wait_until_finished()
         writer.close()
+    if preempted:
+        raise Preempted(state.epoch, str(workdir))
     return state
 
 
@@ -174,17 +198,14 @@ def replicate(mesh, tree):
     return parallel.put(tree, jax.tree.map(lambda _: rep, tree))
 
 
-def state_arrays(state: LoopState) -> dict:
-    return {"trainable": state.trainable, "opt_state": state.opt_state}
-
-
-def epoch_scalars(state: LoopState, data: Collected, updates: list[dict], beta, seconds) -> dict:
+def epoch_scalars(state: TrainState, data: Collected, updates: list[dict], beta, seconds) -> dict:
     """Return the metrics.jsonl record of an epoch."""
     out = {
         "epoch": state.epoch,
         "optimizer_updates": state.updates,
         "trajectories_seen": state.trajectories_seen,
         "unique_trajectories": state.unique_trajectories,
+        "trajectories": int(data.rewards.size),
         "reward_mean": float(np.mean(data.rewards)),
         "reward_std": float(np.std(data.rewards)),
         "beta": float(beta),

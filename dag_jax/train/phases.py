@@ -10,14 +10,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dag_jax.algos import dag, ddpo
+from dag_jax.algos import dag
 from dag_jax.algos.transitions import (
     Transitions,
     row_flows,
     scatter_state_cotangents,
 )
 from dag_jax.diffusion.sampler import Trajectory, branch_rollout, rollout, sample_keys
-from dag_jax.train.config import fl_from_sampling, objective_of, step_baseline
+from dag_jax.train import objectives
+from dag_jax.train.config import fl_from_sampling
+from dag_jax.train.objectives.base import Objective
 from dag_jax.train.run import Model
 
 log = logging.getLogger("dag_jax.train")
@@ -32,25 +34,41 @@ class Phases:
     branches: Any
     fl_rewards: Any
     grad_step: Any  # (trainable, frozen, batch, beta, grad_sum) -> (grad_sum, metrics)
-    apply: Any
+    apply: Any  # (trainable, opt_state, grad_sum, count, finite) -> (…, …, finite)
     grid: Any
     reward: Any  # (reward params, images, prompt_idx) -> (B,) for JAX-native rewards
-    # DAG with F̃ once per state (``dag.flow_once_per_state``): F̃ of a window's states, the
-    # micro-batch step on those values (also returning per-state ∂L/∂F̃), φ's VJP over states
+    # objectives with a flow, where states chain (``config.flow_per_state``): F̃ of a window's
+    # states, the micro-batch step on those values (also returning per-state ∂L/∂F̃), and φ's
+    # VJP over the states
     state_flows: Any = None  # (trainable, traj) -> (B, K)
     grad_step_per_state: Any = None  # (… grad_sum, state_flow, rows, cotangent) -> (+ cotangent)
     flow_grad: Any = None  # (trainable, state rows, cotangent, grad_sum) -> grad_sum
 
 
+@dataclasses.dataclass
+class Context:
+    """What every phase of the loop computes with: model, config, mesh, compiled functions."""
+
+    model: Model
+    config: Any
+    mesh: Any
+    objective: Objective
+    phases: Phases
+
+
+def all_finite(tree) -> jax.Array:
+    """Return whether every floating-point element of ``tree`` is finite (one fused reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+
+
 def build_phases(model: Model, config, tx) -> Phases:
     """Return the jitted phase functions, closed over the static model and config."""
     c = config
-    objective = objective_of(c)
+    objective = objectives.get(c)
     schedule = model.schedule
     bound = model.reward.bound_with_params(model.prompts)
-    policy_kw = dict(guidance=c.sample.guidance, eta=c.sample.eta, reduction=c.dag.reduction)
-    if objective == "ddpo":
-        policy_kw["reduction"] = "mean"
+    policy_kw = dict(guidance=c.sample.guidance, eta=c.sample.eta, reduction=objective.reduction)
     keep = fl_from_sampling(c)  # rollouts keep x̂₀^cond of every state for the FL rewards
 
     def context_of(frozen, ids):
@@ -147,34 +165,7 @@ def build_phases(model: Model, config, tx) -> Phases:
             params["log_z"] = trainable["log_z"]
         if flow_values is not None:
             params["flow_values"] = flow_values
-        if objective == "ddpo":
-            d = c.b2 if c.algo == "b2" else c.ddpo
-            return ddpo.ddpo_loss(
-                model.eps_fn,
-                params["policy"],
-                batch,
-                model.uncond,
-                clip_range=d.clip_range,
-                adv_clip=d.adv_clip,
-                **policy_kw,
-            )
-        args = (model.eps_fn, model.flow_fn, params, batch, model.uncond, beta)
-        if objective == "dag_db":
-            return dag.db_loss(
-                *args,
-                reg_coef=c.dag.reg_coef,
-                baseline_group=c.dag.baseline_group if step_baseline(c) else 0,
-                **policy_kw,
-            )
-        return dag.kl_loss(
-            *args,
-            reg_coef=c.dag.reg_coef,
-            kl_coef=c.dag.kl_coef,
-            clip_range=c.dag.clip_range,
-            adv_clip=c.dag.adv_clip,
-            baseline_group=c.dag.baseline_group,
-            **policy_kw,
-        )
+        return objective.loss(model, c, params, batch, beta)
 
     @jax.jit
     def grad_step(trainable, frozen, batch, beta, grad_sum):
@@ -204,11 +195,13 @@ def build_phases(model: Model, config, tx) -> Phases:
 
     @jax.jit
     def apply(trainable, opt_state, grad_sum, count, finite):
+        # the new state is kept only when the loss and every new array are finite
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         updates, new_opt = tx.update(grads, opt_state, trainable)
         new = jax.tree.map(jnp.add, trainable, updates)
+        finite = finite & all_finite((new, new_opt))
         keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
-        return keep(new, trainable), keep(new_opt, opt_state)
+        return keep(new, trainable), keep(new_opt, opt_state), finite
 
     @jax.jit
     def grid(frozen, trainable, ids, idx):
@@ -217,7 +210,7 @@ def build_phases(model: Model, config, tx) -> Phases:
         return images_of(frozen, traj.final)
 
     phases = Phases(sample, prefix, branches, fl_rewards, grad_step, apply, grid, jax.jit(bound))
-    if objective.startswith("dag"):
+    if objective.uses_flow:
         phases.state_flows, phases.flow_grad = state_flows, flow_grad
         phases.grad_step_per_state = grad_step_per_state
     return phases

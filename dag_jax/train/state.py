@@ -2,51 +2,51 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from typing import Any
 
+import flax.struct
 import numpy as np
 
-from dag_jax.algos import b2
-from dag_jax.algos.stats import PerPromptStatTracker
-
-log = logging.getLogger("dag_jax.train")
+COUNTERS = ("epoch", "updates", "trajectories_seen", "unique_trajectories", "nonfinite_streak")
 
 
-@dataclasses.dataclass
-class LoopState:
-    """What the loop carries from epoch to epoch (all of it is checkpointed)."""
+@flax.struct.dataclass
+class TrainState:
+    """The run's state: a pytree of device arrays plus host counters and trackers as data.
 
-    epoch: int
-    trainable: dict
+    Passed into each phase of the loop and returned by it (``state.replace(...)``), never
+    changed in place. ``trackers`` holds the objectives' host-side state as JSON-ready data
+    (DDPO's per-prompt reward buffers, B²'s reward history). Everything here is checkpointed:
+    the arrays by orbax, ``extra()`` as JSON.
+    """
+
+    trainable: dict  # {"lora": …, "flow": …, "log_z": …} fp32
     opt_state: Any
-    updates: int = 0
-    trajectories_seen: int = 0
-    unique_trajectories: int = 0
-    nonfinite_streak: int = 0
-    tracker: PerPromptStatTracker = dataclasses.field(default_factory=PerPromptStatTracker)
-    history: b2.RewardHistory = dataclasses.field(default_factory=b2.RewardHistory)
+    epoch: int = flax.struct.field(pytree_node=False, default=0)
+    updates: int = flax.struct.field(pytree_node=False, default=0)
+    trajectories_seen: int = flax.struct.field(pytree_node=False, default=0)
+    unique_trajectories: int = flax.struct.field(pytree_node=False, default=0)
+    nonfinite_streak: int = flax.struct.field(pytree_node=False, default=0)
+    trackers: dict = flax.struct.field(pytree_node=False, default_factory=dict)
+
+    def arrays(self) -> dict:
+        """Return the device arrays that orbax saves: {"trainable", "opt_state"}."""
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
 
     def extra(self) -> dict:
-        """Return the JSON-serialisable part of the state."""
-        return {
-            "epoch": self.epoch,
-            "updates": self.updates,
-            "trajectories_seen": self.trajectories_seen,
-            "unique_trajectories": self.unique_trajectories,
-            "nonfinite_streak": self.nonfinite_streak,
-            "tracker": self.tracker.state_dict(),
-            "history": self.history.state_dict(),
-        }
+        """Return the JSON part of the state (counters and trackers)."""
+        return {**{name: getattr(self, name) for name in COUNTERS}, **self.trackers}
 
-    def load_extra(self, extra: dict) -> None:
-        """Restore the JSON-serialisable part of the state."""
-        for name in ("epoch", "updates", "trajectories_seen", "unique_trajectories"):
-            setattr(self, name, int(extra[name]))
-        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
-        self.tracker.load_state_dict(extra["tracker"])
-        self.history.load_state_dict(extra["history"])
+    def with_restored(self, arrays: dict, extra: dict) -> TrainState:
+        """Return this state with a checkpoint's arrays and JSON part in place."""
+        counters = {name: int(extra.get(name, 0)) for name in COUNTERS}
+        trackers = {k: extra[k] for k in self.trackers if k in extra}
+        return self.replace(
+            trainable=arrays["trainable"],
+            opt_state=arrays["opt_state"],
+            trackers={**self.trackers, **trackers},
+            **counters,
+        )
 
 
 def host_rng(config, epoch: int, purpose: int) -> np.random.Generator:

@@ -1,57 +1,57 @@
-"""Update windows: micro-batches of transitions, accumulated gradients, one optimizer step."""
+"""Update windows: micro-batches of transitions, accumulated gradients, one optimizer step.
+
+Pure in the loop's sense: each function takes the ``TrainState`` and returns a new one.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax.algos.transitions import (
-    SHARED_FIELDS,
-    Transitions,
-    from_trajectory,
-    step_group_order,
-    take,
-)
+from dag_jax.algos.transitions import EMPTY, SHARED_FIELDS, Transitions, from_trajectory, take
 from dag_jax.infra import parallel
 from dag_jax.train.collect import Collected, take_rows
-from dag_jax.train.config import flow_per_state, objective_of, step_baseline, trajectory_group
-from dag_jax.train.phases import Phases
-from dag_jax.train.run import Model, put_batch
-from dag_jax.train.state import LoopState, host_rng
+from dag_jax.train.config import flow_per_state
+from dag_jax.train.phases import Context
+from dag_jax.train.run import put_batch
+from dag_jax.train.state import TrainState, host_rng
 
 log = logging.getLogger("dag_jax.train")
 
 
 class NonFiniteLoss(RuntimeError):
-    """Too many consecutive updates had a non-finite loss."""
+    """Too many consecutive updates had a non-finite loss or non-finite new parameters."""
 
 
-def train_on(
-    model: Model, phases: Phases, config, mesh, state: LoopState, data: Collected, beta: float
-) -> list[dict]:
-    """Run the epoch's updates over windows of trajectories; return per-update metrics."""
-    c = config
-    kept = np.flatnonzero(data.weight > 0)
-    if kept.size == 0:
-        log.info("epoch %d: empty selection, no update", state.epoch)
-        return []
-    passes = c.b2.passes if c.algo == "b2" else (c.ddpo.inner_epochs if c.algo == "ddpo" else 1)
-    w = c.train.trajectories_per_step
+def train_epoch(
+    ctx: Context,
+    state: TrainState,
+    data: Collected,
+    beta: float,
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[TrainState, list[dict], bool]:
+    """Return (the state after the epoch's updates, per-update metrics, whether it finished).
+
+    The objective cuts the epoch into windows of trajectories, one optimizer update each.
+    ``stop`` is asked before every window (preemption, agreed by all processes): when it says
+    stop, the state so far and ``False`` come back.
+    """
+    windows, dropped = ctx.objective.windows(ctx.config, state.epoch, data)
+    if not windows:
+        log.info("epoch %d: no window to train on (empty selection), no update", state.epoch)
     out = []
-    for p in range(passes):
-        rng = host_rng(c, state.epoch, 10 + p)
-        if step_baseline(c):  # windows of whole trajectory groups (DAG keeps every row)
-            groups = kept.reshape(-1, trajectory_group(c))
-            order = groups[rng.permutation(len(groups))].reshape(-1)
-        else:
-            order = kept[rng.permutation(kept.size)]
-        for lo in range(0, order.size, w):
-            window = order[lo : lo + w]
-            out.append(update_window(model, phases, config, mesh, state, data, window, beta))
-    return out
+    for window in windows:
+        if stop():
+            return state, out, False
+        state, metrics = update_window(ctx, state, data, window, beta)
+        if dropped:  # the same value in every update: the epoch's mean is it
+            metrics["dropped_trajectories"] = float(dropped)
+        out.append(metrics)
+    return state, out, True
 
 
 def context_table(mesh, contexts: jax.Array, rows: int) -> jax.Array:
@@ -98,12 +98,24 @@ def flow_vjp(phases, mesh, trainable, batch, cotangent, grad_sum, chunk: int) ->
     return grad_sum
 
 
-def update_window(model, phases, config, mesh, state, data: Collected, window, beta) -> dict:
-    """Accumulate the gradients of a window's transitions; apply one optimizer update."""
-    c = config
+def window_rows(ctx: Context, state: TrainState, trajectories: int, steps: int):
+    """Return (the window's rows in the objective's order, padded to micro-batches; weights)."""
+    rng = host_rng(ctx.config, state.epoch, 1000 + state.updates)
+    rows = ctx.objective.row_order(ctx.config, trajectories, steps, rng)
+    present = rows != EMPTY  # an empty slot (DAG-KL's ragged groups) reads row 0 at weight 0
+    rows, weight = padded_rows(np.where(present, rows, 0), ctx.config.train.micro_batch)
+    weight[: present.size] *= present  # micro_batch % baseline_group == 0: whole groups
+    return rows, weight
+
+
+def update_window(
+    ctx: Context, state: TrainState, data: Collected, window: np.ndarray, beta: float
+) -> tuple[TrainState, dict]:
+    """Return (the state after one optimizer update on a window's transitions, its metrics)."""
+    c, model, mesh, phases = ctx.config, ctx.model, ctx.mesh, ctx.phases
     traj = take_rows(data.traj, window)
     state_rewards = None
-    if objective_of(c).startswith("dag"):
+    if ctx.objective.uses_flow:  # forward-looking rewards of every state, θ of the window
         state_rewards = phases.fl_rewards(
             model.frozen,
             state.trainable,
@@ -122,16 +134,10 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
     batch = batch.replace(
         contexts=context_table(mesh, batch.contexts, c.train.trajectories_per_step)
     )
-    mb = c.train.micro_batch
-    rng = host_rng(c, state.epoch, 1000 + state.updates)
-    if step_baseline(c):  # blocks of one step of baseline_group trajectories
-        steps = traj.log_probs.shape[1]
-        rows = step_group_order(window.size, steps, c.dag.baseline_group, rng)
-    else:
-        rows = rng.permutation(batch.size)
-    rows, weight = padded_rows(rows, mb)
+    mb, steps = c.train.micro_batch, traj.log_probs.shape[1]
+    rows, weight = window_rows(ctx, state, window.size, steps)
     grad_sum = jax.tree.map(jnp.zeros_like, state.trainable)
-    per_state = flow_per_state(c, model.schedule, traj.start, traj.log_probs.shape[1])
+    per_state = ctx.objective.uses_flow and flow_per_state(c, model.schedule, traj.start, steps)
     if per_state:  # F̃ of every state once, forward only; ∂L/∂F̃ gathered per state
         rep = parallel.replicated(mesh)
         state_flow = jax.device_put(phases.state_flows(state.trainable, traj).reshape(-1), rep)
@@ -153,23 +159,27 @@ def update_window(model, phases, config, mesh, state, data: Collected, window, b
     if per_state:  # φ's gradient: one VJP of F̃ over the window's states
         grad_sum = flow_vjp(phases, mesh, state.trainable, batch, cotangent, grad_sum, 2 * mb)
     metrics = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-    finite = bool(np.isfinite(metrics["loss"]))
     if "flow" in state.trainable and state.epoch < c.dag.flow_warmup_epochs:
         # flow warm-up: the flow (and log Z) learn the current policy's flows first
         grad_sum = {**grad_sum, "lora": jax.tree.map(jnp.zeros_like, grad_sum["lora"])}
         metrics["policy_frozen"] = 1.0
-    state.trainable, state.opt_state = phases.apply(
-        state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite)
+    finite_loss = bool(np.isfinite(metrics["loss"]))
+    trainable, opt_state, finite = phases.apply(
+        state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite_loss)
     )
-    state.updates += 1
-    state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
+    finite = bool(finite)  # the loss and every new parameter and optimizer moment
+    streak = 0 if finite else state.nonfinite_streak + 1
+    state = state.replace(
+        trainable=trainable, opt_state=opt_state, updates=state.updates + 1, nonfinite_streak=streak
+    )
     if not finite:
-        log.warning("update %d: non-finite loss, update skipped", state.updates)
-        if state.nonfinite_streak >= c.train.max_nonfinite:
+        what = "loss" if not finite_loss else "parameters or optimizer state"
+        log.warning("update %d: non-finite %s, update skipped", state.updates, what)
+        if streak >= c.train.max_nonfinite:
             raise NonFiniteLoss(
-                f"{state.nonfinite_streak} consecutive updates had a non-finite loss "
+                f"{streak} consecutive updates had a non-finite {what} "
                 f"(train.max_nonfinite={c.train.max_nonfinite}); stopping. Lower the learning "
                 "rate or check the reward for NaNs."
             )
     metrics["skipped_nonfinite"] = float(not finite)
-    return metrics
+    return state, metrics

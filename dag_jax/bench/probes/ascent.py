@@ -30,6 +30,8 @@ import numpy as np
 
 from dag_jax import train
 from dag_jax.algos.transitions import from_trajectory, take
+from dag_jax.bench.common import Settings, machine_info, record
+from dag_jax.bench.tinyworld import base_world, demo_config
 
 
 def _gradient(model, phases, trainable, traj, prompt_idx, advantage, micro_batch: int):
@@ -52,14 +54,13 @@ def _gradient(model, phases, trainable, traj, prompt_idx, advantage, micro_batch
 
 
 def _flat(tree) -> np.ndarray:
+    """Return the tree's leaves raveled into one vector."""
     return np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(tree)])
 
 
 def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> dict[str, float]:
     """Return the metrics of one (task, group) line search (see the module docstring)."""
-    from dag_jax.bench import tinyworld as bench_tinyworld
-
-    config = bench_tinyworld.demo_config(task, "ddpo", seed)
+    config = demo_config(task, "ddpo", seed)
     config.sample.group = group
     config.ddpo.clip_range = 1e9  # the ratio is 1 here; no clipping, plain REINFORCE
     chunk = min(64, batch)
@@ -68,7 +69,7 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
             f"--batch ({batch}) must split into chunks of {chunk} and groups of {group}"
         )
     config.sample.chunk = chunk
-    mesh, model, trainable, phases = bench_tinyworld.base_world(config)
+    mesh, model, trainable, phases = base_world(config)
     rng = np.random.default_rng(seed)
     n_prompts = len(model.prompts)
 
@@ -116,10 +117,8 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
     return out
 
 
-def bench_ascent(settings) -> list[dict]:
-    """Return ``dag_jax.bench.common`` records for every task and group size of ``settings``."""
-    from dag_jax.bench.common import machine_info, record
-
+def bench_ascent(settings: Settings) -> list[dict]:
+    """Return the line-search records of every task and group size of ``settings``."""
     tasks = [t for t in settings.tasks.split(",") if t]
     groups = [int(g) for g in settings.groups.split(",") if g]
     lrs = [float(x) for x in settings.lrs.split(",") if x]

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dag_jax import train
+from dag_jax.bench.common import Settings, machine_info, record
+from dag_jax.bench.tinyworld import base_world, demo_config
 from dag_jax.diffusion import ddim
 
 
 def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
     """Return the per-step metrics of one task (see the module docstring)."""
-    from dag_jax.bench import tinyworld as bench_tinyworld
-
-    config = bench_tinyworld.demo_config(task, "dag_db", seed)
+    config = demo_config(task, "dag_db", seed)
     config.sample.group = group
     chunk = min(64, batch)
     if batch % chunk or chunk % group or group < 2:
@@ -41,7 +41,7 @@ def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
             f"--batch ({batch}) must split into chunks of {chunk} and groups of {group} >= 2"
         )
     config.sample.chunk = chunk
-    mesh, model, trainable, phases = bench_tinyworld.base_world(config)
+    mesh, model, trainable, phases = base_world(config)
     rng = np.random.default_rng(seed)
     prompt_idx = np.repeat(rng.integers(0, len(model.prompts), batch // group), group)
     traj, _ = train.sample_scored(
@@ -72,10 +72,8 @@ def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
     return out
 
 
-def bench_dbterms(settings) -> list[dict]:
-    """Return ``dag_jax.bench.common`` records for every task of ``settings``."""
-    from dag_jax.bench.common import machine_info, record
-
+def bench_dbterms(settings: Settings) -> list[dict]:
+    """Return the per-step DB-term records of every task of ``settings``."""
     tasks = [t for t in settings.tasks.split(",") if t]
     group = int(settings.groups.split(",")[-1])  # default "1,8": 8
     records = []

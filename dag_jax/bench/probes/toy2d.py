@@ -1,5 +1,7 @@
 """The 2-D proof: do the objectives sample ∝ R (GFlowNets) or collapse on the best mode (RL)?
 
+    python -m dag_jax.bench toy2d --json=/tmp/toy2d.json     # ~10 min on 2 CPU cores
+
 A small MLP ε-model is pretrained on a Gaussian mixture with equal weights; the reward is
 r(x) = log p*(x), the log-density of the *same* modes with unequal weights, so the GFlowNet
 target ∝ exp(β·r) with β = 1 is exactly p*. Each objective then fine-tunes the MLP through the
@@ -23,6 +25,7 @@ import optax
 from dag_jax.algos import b2, dag, ddpo
 from dag_jax.algos.stats import PerPromptStatTracker
 from dag_jax.algos.transitions import from_trajectory, take
+from dag_jax.bench.common import Settings, machine_info, record
 from dag_jax.diffusion.sampler import branch_rollout, rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
 from dag_jax.models.layers import timestep_embedding
@@ -424,15 +427,12 @@ METRIC_UNITS = {
 }
 
 
-def bench_toy2d(settings) -> list[dict]:
-    """Return ``dag_jax.bench.common`` records of ``run`` (``python -m dag_jax.bench toy2d``).
+def bench_toy2d(settings: Settings) -> list[dict]:
+    """Return the records of ``run``: one per (algorithm, metric).
 
-    One record per (algorithm, metric): impl is the algorithm (``target_samples`` = exact
-    samples of p*, the floor set by finite samples and the grid), config the Toy2DConfig
-    (seed from ``--seed``).
+    impl is the algorithm (``target_samples`` = exact samples of p*, the floor set by finite
+    samples and the grid), config the Toy2DConfig (seed from ``--seed``).
     """
-    from dag_jax.bench.common import machine_info, record
-
     cfg = dataclasses.replace(Toy2DConfig(), seed=settings.seed)
     config = {**dataclasses.asdict(cfg), **machine_info()}
     records = []

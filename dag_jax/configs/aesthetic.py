@@ -11,16 +11,13 @@ Expected time: ~3 h on a TPU v4-32 / 8×A100 (100 epochs × 512 trajectories × 
 :tiny variant (~1 min, CPU) runs the built-in tiny world with its ``tiny_clipscore`` reward.
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "aesthetic"
     c.reward.options.clip = "openai/clip-vit-large-patch14"
     c.reward.options.head = ""
     c.prompts.name = "simple_animals"
-    return base["variant"](c, arg)
+    return base.finish(c, "aesthetic", arg)

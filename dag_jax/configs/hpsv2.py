@@ -9,15 +9,12 @@ Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2. Expected time: ~4 h on a
 8×A100; :tiny (~1 min, CPU) uses the tiny world and ``tiny_clipscore``.
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "hpsv2"
     c.reward.options.checkpoint = ""
     c.prompts.name = "hpdv2"
-    return base["variant"](c, arg)
+    return base.finish(c, "hpsv2", arg)

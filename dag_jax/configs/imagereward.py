@@ -12,17 +12,14 @@ Expected time: ~4 h on a TPU v4-32 / 8×A100; :tiny (~1 min, CPU) uses the tiny 
 ``tiny_clipscore``.
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "imagereward"
     c.reward.options.checkpoint = ""
     c.reward.options.med_config = ""
     c.reward.options.tokenizer = ""
     c.prompts.name = "drawbench"
-    return base["variant"](c, arg)
+    return base.finish(c, "imagereward", arg)

@@ -14,24 +14,18 @@ ViT-H-14); ``--config.reward.name=bertscore`` for the captioning-server reward. 
 ``tiny_clipscore``).
 """
 
-import runpy
-from pathlib import Path
+from dag_jax.configs import base
 
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+TEMPLATES = ("1", "2", "3")
 
 
 def get_config(arg: str | None = None):
-    parts = [p.strip() for p in (arg or "1").split(",")]
-    template, size = parts[0], (parts[1] if len(parts) > 1 else "")
-    if template not in ("1", "2", "3"):
-        raise ValueError(f"b2_template.py needs :1, :2 or :3 (then ,tiny), got {arg!r}")
-    c = base["get_config"]()
-    c.algo = "b2"
+    a = base.parse_arg(
+        arg, template=("1", TEMPLATES), algo=("b2", base.ALGOS), size=("", base.SIZES)
+    )
+    c = base.get_config()
     c.reward.name = "clipscore"
     c.reward.options.checkpoint = ""
-    c.prompts.name = f"b2_template{template}"
-    c.sample.steps = 20
-    c.sample.chunk = 32
-    c.train.learning_rate = 1e-4
-    c.train.trajectories_per_step = 128
-    return base["variant"](c, size)
+    c.prompts.name = f"b2_template{a.template}"
+    rest = ",".join(f"{k}={a[k]}" for k in ("algo", "size"))
+    return base.finish(c, "b2_template", rest, default_algo="b2")

@@ -19,18 +19,15 @@ steps must be small; and groups whose samples the judge scores alike would other
 unit-size advantages of pure noise.
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "bertscore"
     c.prompts.name = "nouns_activities"
-    c = base["variant"](c, arg)
-    if (arg or "").strip() == "demo":
+    c = base.finish(c, "alignment", arg)
+    if base.parse_arg(arg, algo=("dag_db", base.ALGOS), size=("", base.SIZES)).size == "demo":
         c.train.learning_rate = 1e-3
         c.ddpo.group_scale = "pooled"
         c.b2.low = 9  # B² branches part by step 1 of 10: count and colour are settled early

@@ -10,14 +10,11 @@ Expected time: ~3 h on a TPU v4-32 / 8×A100 at the released 100 epochs × 512 t
 the :tiny variant ~1 min on a laptop CPU (the built-in tiny world and its captions).
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "jpeg_incompressibility"
     c.prompts.name = "imagenet_animals"
-    return base["variant"](c, arg)
+    return base.finish(c, "incompressibility", arg)

@@ -12,14 +12,11 @@ the :tiny variant ~1 min on a laptop CPU (the built-in tiny world and its captio
 and DAG-KL, and a little with B² (BENCHMARKS.md, "Demo runs").
 """
 
-import runpy
-from pathlib import Path
-
-base = runpy.run_path(str(Path(__file__).with_name("base.py")))
+from dag_jax.configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base["get_config"]()
+    c = base.get_config()
     c.reward.name = "jpeg_compressibility"
     c.prompts.name = "imagenet_animals"
-    return base["variant"](c, arg)
+    return base.finish(c, "compressibility", arg)

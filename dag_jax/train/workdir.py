@@ -1,0 +1,146 @@
+"""Rebuild a training run from its workdir: its config, model and a checkpoint's trainable tree.
+
+Shared by evaluation (``dag_jax.eval.evaluate``: the full task, the initial and a restored
+tree) and export (``dag_jax.export``: the base pipeline and one checkpoint's LoRA). A workdir
+holds ``config.json`` (the run's config) and ``checkpoints/`` (one folder per epoch), as
+``train_and_evaluate`` writes them; checkpoints are opened read-only, so a live run's saves are
+left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dag_jax.infra import parallel
+from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.train.config import default_config
+from dag_jax.train.run import Model, checkpoint_template, init_trainable, load_model, make_tx
+
+log = logging.getLogger("dag_jax.train")
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run rebuilt from its workdir: config, model, optimizer and trainable trees."""
+
+    workdir: Path
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: Model  # task=False: no prompts, negative embedding or reward
+    tx: optax.GradientTransformation
+    initial: dict  # init_trainable's tree: its LoRA B = 0, i.e. the base model
+    trainable: dict | None = None  # the restored checkpoint's tree (None: not restored)
+    step: int | None = None  # the restored checkpoint's epoch
+    extra: dict = dataclasses.field(default_factory=dict)  # what the checkpoint saved beside
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Return the run's config: ``workdir/config.json`` over ``default_config()``.
+
+    Keys the run's file lacks (added to the project after the run) keep their defaults, so an
+    older run still rebuilds. Raises FileNotFoundError when there is no config.json.
+    """
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
+    config = default_config()
+    _merge(config, json.loads(path.read_text(encoding="utf-8")))
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Set ``values`` (a nested dict) into ``config`` in place; reward options are replaced."""
+    for key, value in values.items():
+        node = config.get(key)
+        if isinstance(value, Mapping) and isinstance(node, ml_collections.ConfigDict):
+            if key == "options":
+                config[key] = ml_collections.ConfigDict(dict(value))
+            else:
+                _merge(node, value)
+            continue
+        with config.ignore_type():
+            config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def default_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """Return a mesh over all devices, with the run's ``mesh.fsdp`` when it divides their count."""
+    fsdp = config.mesh.fsdp if jax.device_count() % max(config.mesh.fsdp, 1) == 0 else 1
+    return parallel.make_mesh(-1, fsdp)
+
+
+def checkpoint_steps(workdir: str | os.PathLike, step: int | None = None) -> list[int]:
+    """Return the epochs of the run's complete checkpoints (ascending; ``step`` among them).
+
+    Raises FileNotFoundError naming the missing checkpoints folder, the folder without a
+    complete checkpoint, or the missing ``step`` with the available ones.
+    """
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
+    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+        steps = ckpt.all_epochs()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {directory}; available steps: {steps}"
+        )
+    return steps
+
+
+def restore_run(
+    workdir: str | os.PathLike,
+    step: int | None = None,
+    *,
+    task: bool = True,
+    restore: bool = True,
+    mesh: Mesh | None = None,
+) -> Run:
+    """Return the run in ``workdir`` rebuilt, with checkpoint ``step`` (None: the latest) restored.
+
+    Uses the training builders as ``train_and_evaluate`` does (``load_model``,
+    ``init_trainable``, ``make_tx``; the restore template is ``checkpoint_template``), so the
+    restored tree matches what the run saved. ``task=False`` leaves out the prompts and the
+    reward (export); ``restore=False`` restores nothing (the base model: ``initial``) and needs
+    no checkpoint; ``mesh`` defaults to ``default_mesh``. The initial and restored trees are
+    replicated on the mesh (one placement: a sampler compiles once for both). Everything is
+    checked before the model loads: raises FileNotFoundError naming the missing workdir,
+    config.json, checkpoints folder or complete checkpoint (a missing ``step`` lists the
+    available ones).
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    config = read_run_config(workdir)
+    if restore:
+        checkpoint_steps(workdir, step)
+    mesh = default_mesh(config) if mesh is None else mesh
+    model = load_model(config, mesh, task=task)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1 << 31)
+    initial = parallel.put(init_trainable(model, config, key), parallel.replicated(mesh))
+    run = Run(workdir, config, mesh, model, make_tx(config, initial), initial)
+    if not restore:
+        return run
+    directory = workdir / CHECKPOINT_DIR
+    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+        restored = ckpt.restore(checkpoint_template(model, config), epoch=step)
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {directory}")
+    epoch, arrays, extra = restored
+    trainable = parallel.put(arrays["trainable"], parallel.replicated(mesh))
+    log.info("restored step %d of %s", epoch, workdir)
+    return dataclasses.replace(run, trainable=trainable, step=epoch, extra=extra)
