@@ -171,7 +171,7 @@ def load_pipeline(
 
     ``"tiny"`` is the built-in tiny world shipped in the package (``tinyworld.assets.TINY_SD``).
     """
-    root = folder.resolve(builtin_path(path_or_id), revision)
+    root = folder.resolve(builtin_path(path_or_id), revision, variant)
     model_index = folder.read_json(root / "model_index.json")
     configs = {part: folder.read_json(root / part / "config.json") for part in PARTS}
     scheduler_config = folder.read_json(root / "scheduler" / "scheduler_config.json")

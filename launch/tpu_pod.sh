@@ -194,7 +194,7 @@ if [[ $SETUP == 1 ]]; then
     REMOTE_TARBALL=/tmp/dag_jax_src.tar.gz
     if [[ $DRY_RUN == 0 ]]; then trap 'rm -f "$TARBALL"' EXIT; fi
     run tar -C "$ROOT" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' \
-      --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache --exclude=./.venv \
+      --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache --exclude=./.venv --exclude=./.venv-test \
       --exclude=./venv --exclude=./.whl --exclude=./build --exclude=./dist --exclude=./out \
       --exclude=./runs --exclude=./samples -czf "$TARBALL" .
     run "$GCLOUD" compute tpus tpu-vm scp "$TARBALL" "$TPU:$REMOTE_TARBALL" \

@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,38 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the pids of every process below ``pid`` (children first), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += parents.get(child, [])
+    return out
+
+
+def stop_on_sigterm(signum, frame):
+    """End the session on SIGTERM (a CI timeout): its subprocesses first, then the atexit
+    clean-up (the compile cache) through SystemExit."""
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
+if Path("/proc").is_dir():
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 from dag_jax.infra import cpu_tuning  # noqa: E402
 from tests import tiny_world  # noqa: E402

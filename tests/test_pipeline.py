@@ -154,7 +154,7 @@ def test_config_that_disagrees_with_weights_lists_the_mismatch(torch_sd1, tmp_pa
 def test_missing_folder_and_unreachable_hub_id_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dag_jax.load_pipeline(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="could not be fetched from the hub"):
+    with pytest.raises(FileNotFoundError, match="could not be listed on the hub"):
         dag_jax.load_pipeline("nobody-xyz/not-a-model")
 
 

@@ -60,18 +60,21 @@ def demo_config(task: str, algo: str, seed: int, epochs: int = 0):
 
 
 def base_world(config):
-    """Return (mesh, model, trainable, phases) of ``config``'s base model (LoRA at its init)."""
+    """Return (the run's ``train.phases.Context``, its trainable tree) of ``config``'s base
+    model (LoRA at its init, as ``train_and_evaluate`` initialises it)."""
     import jax
 
-    from dag_jax import train
     from dag_jax.infra import parallel
+    from dag_jax.train import objectives
+    from dag_jax.train.phases import Context, build_phases
+    from dag_jax.train.run import init_trainable, load_model, make_tx
 
     mesh = parallel.make_mesh(-1, 1)
-    model = train.load_model(config, mesh)
+    model = load_model(config, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 1 << 31)
-    trainable = parallel.put(train.init_trainable(model, config, key), parallel.replicated(mesh))
-    phases = train.build_phases(model, config, train.make_tx(config, trainable))
-    return mesh, model, trainable, phases
+    trainable = parallel.put(init_trainable(model, config, key), parallel.replicated(mesh))
+    phases = build_phases(model, config, make_tx(config, trainable))
+    return Context(model, config, mesh, objectives.get(config), phases), trainable
 
 
 EVAL_PROMPTS = 45  # prompts per split (the tiny world holds out 45 test captions)

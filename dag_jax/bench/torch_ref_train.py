@@ -6,8 +6,8 @@ attention projections (to_q, to_k, to_v, to_out.0), the DDIM-with-η log-prob of
 torch ops (``torch_ref``), the DDPO clipped surrogate, and for DAG a flow network built from
 diffusers blocks with the shapes of ``dag_jax.models.flow`` (weights copied from the Linen
 flow), forward-looking rewards through a diffusers ``AutoencoderKL``; gradients accumulated
-over micro-batches, clipped per group, one ``torch.optim.AdamW`` step. Inputs, weights and the
-transition order are those of the dag_jax run it is compared with.
+over micro-batches, clipped per group, one ``torch.optim.AdamW`` step. Inputs, weights, the
+transition order and the rows' weights are those of the dag_jax run it is compared with.
 """
 
 from __future__ import annotations
@@ -122,14 +122,25 @@ def set_lora(unet, lora: Mapping, rank: int, alpha: float) -> list[torch.nn.Para
     return params
 
 
-def rloo_advantages(signal: torch.Tensor, group: int, clip: float) -> torch.Tensor:
-    """Return leave-one-out normalised advantages over consecutive groups (SPEC §5)."""
-    n = group
-    b = signal.reshape(-1, n)
-    m = (b.sum(1, keepdim=True) - b) / (n - 1)
-    u = b - m
-    v = ((u**2).sum(1, keepdim=True) - u**2) / (n - 1)
-    return torch.clamp(u / (torch.sqrt(torch.clamp(v, min=0.0)) + 1e-8), -clip, clip).reshape(-1)
+def rloo_advantages(
+    signal: torch.Tensor, group: int, clip: float, present: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return leave-one-out normalised advantages over consecutive groups (SPEC §5).
+
+    ``present`` (B,) bool leaves the other rows (padding, empty slots of DAG-KL's groups of
+    distinct trajectories) out of their group's sums; they, and a row with no present peer,
+    get advantage 0 (as ``dag.leave_one_out_advantages``).
+    """
+    b = signal.reshape(-1, group)
+    p = torch.ones_like(b, dtype=torch.bool) if present is None else present.reshape(b.shape)
+    b = torch.where(p, b, 0.0)
+    peers = p.sum(1, keepdim=True) - p.to(torch.int64)
+    denom = torch.clamp(peers, min=1).to(b.dtype)
+    m = (b.sum(1, keepdim=True) - b) / denom
+    u = torch.where(p, b - m, 0.0)
+    v = ((u**2).sum(1, keepdim=True) - u**2) / denom
+    adv = torch.clamp(u / (torch.sqrt(torch.clamp(v, min=0.0)) + 1e-8), -clip, clip)
+    return torch.where(p & (peers > 0), adv, 0.0).reshape(-1)
 
 
 def ppo_surrogate(log_p, old_log_p, advantage, clip_range: float) -> torch.Tensor:
@@ -323,20 +334,26 @@ class TorchTrainStep:
             return weighted_mean(delta**2 + h.reg_coef * reg, b["weight"])
         residual = log_f_t + log_p.detach() - log_pb - log_f_s
         signal = (log_f_s + log_pb - log_p - log_f_t).detach()
-        adv = rloo_advantages(signal, h.baseline_group, h.adv_clip)
+        adv = rloo_advantages(signal, h.baseline_group, h.adv_clip, b["weight"] > 0)
         surrogate = ppo_surrogate(log_p, b["log_prob"], adv, h.clip_range)
         return weighted_mean(residual**2 + h.kl_coef * surrogate + h.reg_coef * reg, b["weight"])
 
     # ---------------------------------------------------------------- the step
 
-    def step(self, order: np.ndarray) -> float:
-        """Run one optimizer step over the transitions in ``order``; return the mean loss."""
+    def step(self, order: np.ndarray, keep: np.ndarray | None = None) -> float:
+        """Run one optimizer step over the transitions in ``order``; return the mean loss.
+
+        ``keep`` (one weight per entry of ``order``, 1 or 0): dag_jax's row weights
+        (``train.update.window_rows``: empty group slots and padding at 0); by default every
+        row once at weight 1. ``order`` is padded to whole micro-batches at weight 0.
+        """
         h = self.hyper
         rewards = self.state_rewards() if h.algo != "ddpo" else None
         rows = self.transitions(rewards)
+        keep = np.ones(order.size, np.float32) if keep is None else np.asarray(keep, np.float32)
         pad = (-order.size) % h.micro_batch
-        keep = np.concatenate([np.ones(order.size), np.zeros(pad)]).astype(np.float32)
-        order = np.concatenate([order, np.full(pad, order[0])])
+        keep = np.concatenate([keep, np.zeros(pad, np.float32)])
+        order = np.concatenate([order, np.full(pad, order[0])]).astype(np.int64)
         losses = []
         for lo in range(0, order.size, h.micro_batch):
             idx = torch.from_numpy(order[lo : lo + h.micro_batch]).to(self.device)

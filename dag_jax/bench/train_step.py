@@ -7,9 +7,9 @@
 Both benches build the real train program of ``dag_jax.train.phases`` (``build_phases``: the same
 ``grad_step``, ``fl_rewards`` and ``apply``) around a UNet of ``--model``'s shapes with random
 weights (``unets.MODELS``), a VAE of the same family (``VAE_CONFIGS``; only DAG's
-forward-looking rewards decode), the flow network and LoRA of ``configs/base.py``, and a tiny
-JAX-native reward (mean brightness). Text encoding is not part of a train step; prompts enter
-as random (77, D) embeddings.
+forward-looking rewards decode), the flow network and LoRA of ``dag_jax/configs/base.py``, and a
+tiny JAX-native reward (mean brightness). Text encoding is not part of a train step; prompts
+enter as random (77, D) embeddings.
 
 memory: compiles (never runs) the DAG-DB micro-step of one ``--micro_batch`` (default: the
 released 64; ``grad_step_per_state``, as ``train`` runs it) on a ("data", "fsdp") mesh of all
@@ -28,20 +28,22 @@ Records per fsdp size N (``config["fsdp"]`` too), per device, from
   param_bytes_ratio_fsdpN_vs_fsdp1   the largest size's param_bytes over fsdp 1's (target ≤ 0.2
                          for SD1.5 at fsdp 8)
 
-train: one optimizer step of ``train.update_window`` per algorithm of ``--algos`` (ddpo, dag_db,
-dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax sampler,
-untimed), their ``batch·steps`` transitions in shuffled micro-batches of ``--micro_batch``
-(default 16) accumulated into one AdamW update, and for DAG first the forward-looking rewards of
-every state (x̂₀ by the UNet, or with ``--fl_source=sampling`` kept by the untimed sampler as
-``dag.fl_source``; VAE decode, reward) and F̃_φ of every state (as ``train``), whose VJP over
-the states ends the step. Against it the PyTorch reference (``dag_jax.bench.torch_ref_train``):
-diffusers UNet with a peft LoRA on to_q/k/v/out, the same DDIM log-prob math, the same losses, a
-torch flow network built from diffusers blocks evaluated as released (on [x_t; x_s] in every
-micro-batch), torch AdamW; same weights, trajectories, permutation. torch_ref always takes
-x̂₀^cond from a UNet pass with the current θ (released); with ``--fl_source=sampling`` the timed
-dag_jax step reads them from the trajectory instead, which is exact here (the timed step is the
-first after sampling, θ = θ_old), and the first-step losses still agree. Records per
-algorithm (metric ``ALGO/...``, ``config["algo"]``) and impl:
+train: one optimizer step of ``train.update.update_window`` per algorithm of ``--algos`` (ddpo,
+dag_db, dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax
+sampler, untimed), their ``batch·steps`` transitions in micro-batches of ``--micro_batch``
+(default 16) in the objective's row order (shuffled; DAG-KL: leave-one-out groups of distinct
+trajectories, ``update.window_rows``) accumulated into one AdamW update, and for DAG first the
+forward-looking rewards of every state (x̂₀ by the UNet, or with ``--fl_source=sampling`` kept
+by the untimed sampler as ``dag.fl_source``; VAE decode, reward) and F̃_φ of every state (as
+``train``), whose VJP over the states ends the step. Against it the PyTorch reference
+(``dag_jax.bench.torch_ref_train``): diffusers UNet with a peft LoRA on to_q/k/v/out, the same
+DDIM log-prob math, the same losses, a torch flow network built from diffusers blocks evaluated
+as released (on [x_t; x_s] in every micro-batch), torch AdamW; same weights, trajectories, row
+order and row weights. torch_ref always takes x̂₀^cond from a UNet pass with the current θ
+(released); with ``--fl_source=sampling`` the timed dag_jax step reads them from the trajectory
+instead, which is exact here (the timed step is the first after sampling, θ = θ_old), and the
+first-step losses still agree. Records per algorithm (metric ``ALGO/...``, ``config["algo"]``)
+and impl:
   step_s, step_min_s     mean and fastest wall seconds of one optimizer step over ``--repeats``
                          (after ``--warmup`` untimed steps, the first of which also compiles
                          and gives ``loss``; the impls take turns)
@@ -68,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import rewards, train
+from dag_jax import rewards
 from dag_jax.algos.transitions import Transitions
 from dag_jax.bench import flops
 from dag_jax.bench.common import (
@@ -96,6 +98,13 @@ from dag_jax.models.unet import UNet2DConditionModel
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.pipeline import Pipeline, unet_shapes, vae_shapes
 from dag_jax.tinyworld import random_tiny as tiny
+from dag_jax.train import objectives
+from dag_jax.train.collect import Collected
+from dag_jax.train.config import default_config, fl_from_sampling, flow_per_state, validate
+from dag_jax.train.phases import Context, Phases, build_phases
+from dag_jax.train.run import Model, init_trainable, make_flow, make_tx
+from dag_jax.train.state import TrainState
+from dag_jax.train.update import micro_batch_shardings, update_window, window_rows
 from dag_jax.weights.convert import torch_to_linen
 
 SD15_VAE_CONFIG = dict(
@@ -124,9 +133,7 @@ def train_config(settings: Settings, algo: str, fsdp: int = 1, *, released: bool
     trajectories per update); otherwise ``--dtype`` applies without remat, ``--batch``
     trajectories make one update and the micro-batch defaults to 16.
     """
-    c = train.default_config()
-    if c is None:
-        raise RuntimeError("the train benches need configs/base.py (run from the repository)")
+    c = default_config()
     c.algo = algo
     c.attention = settings.attention
     if not released:
@@ -161,10 +168,8 @@ def bench_modules(settings: Settings, config) -> tuple[UNet2DConditionModel, Aut
     return unet, AutoencoderKL(vae_config, dtype=jnp.dtype(config.dtype))
 
 
-def bench_model(
-    settings: Settings, config, unet, vae, frozen: dict, uncond: jax.Array
-) -> train.Model:
-    """Return a ``train.Model`` around given modules and frozen params (arrays or abstract)."""
+def bench_model(settings: Settings, config, unet, vae, frozen: dict, uncond: jax.Array) -> Model:
+    """Return a ``train.run.Model`` around given modules and frozen params (arrays or abstract)."""
     pipe = Pipeline(
         unet=unet,
         vae=vae,
@@ -176,9 +181,9 @@ def bench_model(
         model_index={},
     )
     side = latent_side(settings)
-    return train.Model(
+    return Model(
         pipe=pipe,
-        flow=train.make_flow(config, unet.config),
+        flow=make_flow(config, unet.config),
         lora=LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha),
         schedule=make_schedule(tiny.SCHEDULER_CONFIG, config.sample.steps),
         frozen=frozen,
@@ -228,8 +233,8 @@ def transition_shapes(rows: int, latent_shape, table_rows: int, context_shape) -
 class AbstractStep:
     """The phases of a train config on abstract, sharded inputs (nothing allocated)."""
 
-    model: train.Model
-    phases: train.Phases
+    model: Model
+    phases: Phases
     trainable: dict
     frozen: dict
     batch: Transitions
@@ -239,7 +244,7 @@ class AbstractStep:
     @property
     def per_state(self) -> bool:
         """Return whether the config computes DAG's F̃ once per state (``train``'s rule)."""
-        return train.flow_per_state(self.config, self.model.schedule, 0, self.config.sample.steps)
+        return flow_per_state(self.config, self.model.schedule, 0, self.config.sample.steps)
 
     def grad_step_args(self) -> tuple:
         """Return the abstract arguments of ``phases.grad_step``."""
@@ -266,7 +271,7 @@ class AbstractStep:
         rows = 2 * self.batch.size
         table = self.batch.contexts.shape
         states = transition_shapes(rows, self.model.latent_shape, table[0], table[1:])
-        states = parallel.abstract(states, train.micro_batch_shardings(mesh, states))
+        states = parallel.abstract(states, micro_batch_shardings(mesh, states))
         cot = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
         return self.phases.flow_grad, (self.trainable, states, cot, self.trainable)
 
@@ -293,7 +298,7 @@ def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
     d = unet.config.cross_attention_dim
     uncond = jnp.zeros((1, CONTEXT_LEN, d), jnp.float32)
     model = bench_model(settings, config, unet, vae, frozen, uncond)
-    trainable = jax.eval_shape(lambda: train.init_trainable(model, config, jax.random.key(0)))
+    trainable = jax.eval_shape(lambda: init_trainable(model, config, jax.random.key(0)))
     rep = parallel.replicated(mesh)
     trainable = parallel.abstract(trainable, jax.tree.map(lambda _: rep, trainable))
     batch = transition_shapes(
@@ -302,8 +307,8 @@ def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
         config.train.trajectories_per_step,
         (CONTEXT_LEN, d),
     )
-    batch = parallel.abstract(batch, train.micro_batch_shardings(mesh, batch))
-    phases = train.build_phases(model, config, train.make_tx(config, trainable))
+    batch = parallel.abstract(batch, micro_batch_shardings(mesh, batch))
+    phases = build_phases(model, config, make_tx(config, trainable))
     return AbstractStep(model, phases, trainable, frozen, batch, config)
 
 
@@ -413,7 +418,7 @@ def cpu_train_step_flops(settings: Settings, algo: str) -> float:
     fn, args = step.grad_step_call()
     count = micro * flops.model_flops(fn, *args)
     if algo.startswith("dag"):
-        traj = trajectory_shapes(settings, step.model, train.fl_from_sampling(config))
+        traj = trajectory_shapes(settings, step.model, fl_from_sampling(config))
         idx = jax.ShapeDtypeStruct((settings.batch,), jnp.int32)
         fl = step.phases.fl_rewards
         count += flops.model_flops(fl, step.frozen, step.trainable, None, traj, idx)
@@ -425,7 +430,7 @@ def cpu_train_step_flops(settings: Settings, algo: str) -> float:
     return count
 
 
-def trajectory_shapes(settings: Settings, model: train.Model, x0_cond: bool = False) -> Trajectory:
+def trajectory_shapes(settings: Settings, model: Model, x0_cond: bool = False) -> Trajectory:
     """Return an abstract Trajectory of ``--batch`` × ``--steps`` for ``fl_rewards``.
 
     ``x0_cond``: with the sampler's x̂₀^cond of every state (``dag.fl_source = "sampling"``).
@@ -477,16 +482,23 @@ def random_weights(settings: Settings, unet, vae, use_torch: bool) -> Weights:
 
 @dataclasses.dataclass
 class TrainRun:
-    """One algorithm's dag_jax train state, ready for ``train.update_window``."""
+    """One algorithm's dag_jax train state, ready for ``train.update.update_window``."""
 
     algo: str
-    config: object
-    mesh: object
-    model: train.Model
-    phases: train.Phases
-    state: train.LoopState
-    data: train.Collected
+    ctx: Context  # model, config, mesh, objective, compiled phases: the train program's own
+    state: TrainState
+    data: Collected
     beta: float
+
+    @property
+    def config(self):
+        """Return the run's config."""
+        return self.ctx.config
+
+    @property
+    def model(self) -> Model:
+        """Return the run's model."""
+        return self.ctx.model
 
     @property
     def window(self) -> np.ndarray:
@@ -495,24 +507,18 @@ class TrainRun:
 
     def step(self) -> float:
         """Run one optimizer step; return its loss (blocks until the update is done)."""
-        metrics = train.update_window(
-            self.model,
-            self.phases,
-            self.config,
-            self.mesh,
-            self.state,
-            self.data,
-            self.window,
-            self.beta,
-        )
+        self.state, metrics = update_window(self.ctx, self.state, self.data, self.window, self.beta)
         jax.block_until_ready(self.state.trainable)
         return metrics["loss"]
 
-    def next_permutation(self) -> np.ndarray:
-        """Return the transition order ``update_window`` will use on its next call."""
-        rows = self.data.rewards.size * self.config.sample.steps
-        rng = train.host_rng(self.config, self.state.epoch, 1000 + self.state.updates)
-        return rng.permutation(rows)
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (rows, weights) in the order ``update_window`` will use on its next call.
+
+        ``train.update.window_rows``: the objective's row order (DAG-KL: groups of distinct
+        trajectories, their empty slots at weight 0), padded to whole micro-batches.
+        """
+        steps = int(self.data.traj.log_probs.shape[1])
+        return window_rows(self.ctx, self.state, self.window.size, steps)
 
 
 def random_lora_b(trainable: dict, seed: int, scale: float = 0.02) -> dict:
@@ -527,7 +533,7 @@ def random_lora_b(trainable: dict, seed: int, scale: float = 0.02) -> dict:
     return {**trainable, "lora": jax.tree_util.tree_unflatten(tree, out)}
 
 
-def sample_trajectories(model: train.Model, policy: dict, settings: Settings, config):
+def sample_trajectories(model: Model, policy: dict, settings: Settings, config):
     """Return (Trajectory of ``--batch`` × ``--steps``, the sampler inputs) from the policy."""
     inputs = sampler_inputs(settings)
     keys = sample_keys(jax.random.key(settings.seed), jnp.arange(settings.batch))
@@ -544,7 +550,7 @@ def sample_trajectories(model: train.Model, policy: dict, settings: Settings, co
             keys,
             guidance=config.sample.guidance,
             eta=config.sample.eta,
-            keep_x0_cond=train.fl_from_sampling(config),
+            keep_x0_cond=fl_from_sampling(config),
         )
 
     return run(policy, inputs.x_T, inputs.context), inputs
@@ -553,21 +559,21 @@ def sample_trajectories(model: train.Model, policy: dict, settings: Settings, co
 def train_run(settings: Settings, algo: str, weights: Weights, mesh) -> TrainRun:
     """Return the dag_jax state of ``algo``: model, phases, trainable, sampled trajectories."""
     config = train_config(settings, algo)
-    train.validate(config, mesh.size)
+    validate(config, mesh.size)
     unet, vae = bench_modules(settings, config)
     params = {"unet": weights.unet, "vae": weights.vae}
     frozen = parallel.put(params, parallel.fsdp_shardings(mesh, params))
     inputs = sampler_inputs(settings)
     model = bench_model(settings, config, unet, vae, frozen, jnp.asarray(inputs.uncond[:1]))
-    trainable = train.init_trainable(model, config, jax.random.key(settings.seed))
+    trainable = init_trainable(model, config, jax.random.key(settings.seed))
     trainable = random_lora_b(trainable, settings.seed)
-    tx = train.make_tx(config, trainable)
+    tx = make_tx(config, trainable)
     traj, _ = sample_trajectories(model, model.policy_of(frozen, trainable), settings, config)
     n = settings.batch
     advantage = np.random.default_rng(settings.seed).standard_normal(n).astype(np.float32)
     if algo != "ddpo":
         advantage[:] = 0.0
-    data = train.Collected(
+    data = Collected(
         traj=traj,
         prompt_idx=np.arange(n),
         rewards=np.zeros(n, np.float32),
@@ -575,12 +581,17 @@ def train_run(settings: Settings, algo: str, weights: Weights, mesh) -> TrainRun
         weight=np.ones(n, np.float32),
         unique=n,
     )
+    objective = objectives.get(config)
     # placed as the update leaves them, so the first step's programs are the ones timed
     rep = parallel.replicated(mesh)
     trainable = jax.device_put(trainable, rep)
-    state = train.LoopState(0, trainable, jax.device_put(tx.init(trainable), rep))
-    phases = train.build_phases(model, config, tx)
-    return TrainRun(algo, config, mesh, model, phases, state, data, float(config.dag.beta))
+    state = TrainState(
+        trainable=trainable,
+        opt_state=jax.device_put(tx.init(trainable), rep),
+        trackers=objective.trackers(config),
+    )
+    ctx = Context(model, config, mesh, objective, build_phases(model, config, tx))
+    return TrainRun(algo, ctx, state, data, float(config.dag.beta))
 
 
 def train_algos(settings: Settings) -> list[str]:
@@ -643,9 +654,9 @@ def bench_algo(settings: Settings, algo, weights, mesh, impls, peak, base_cfg) -
         from dag_jax.bench import torch_ref_train
 
         ref = torch_ref_train.TorchTrainStep.from_run(run, weights, settings)
-        order = run.next_permutation()
-        losses["torch_ref"], first["torch_ref"] = timed_first(lambda: ref.step(order))
-        steps["torch_ref"] = lambda: ref.step(run.next_permutation())
+        rows = run.next_rows()  # the order (and weights) dag_jax's first step uses
+        losses["torch_ref"], first["torch_ref"] = timed_first(lambda: ref.step(*rows))
+        steps["torch_ref"] = lambda: ref.step(*run.next_rows())
     if "dag_jax" in impls:
         losses["dag_jax"], first["dag_jax"] = timed_first(run.step)
         steps["dag_jax"] = run.step

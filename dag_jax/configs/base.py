@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.revision = ""  # hub revision (branch, tag or commit) of the model
     c.variant = ""  # hub weight variant, e.g. "fp16" ("" = the full-precision files)
     c.dtype = "bfloat16"  # compute dtype; params, trajectories, flows, rewards stay fp32
-    c.attention = "xla"  # xla | jax | cudnn (fused flash attention on NVIDIA GPUs, bf16)
+    c.attention = "xla"  # xla | jax | cudnn (NVIDIA, bf16) | pallas_tpu | auto (models/attention)
     c.remat = True  # gradient checkpointing of the UNet blocks in the train step
     c.resolution = 0  # latent side; 0 = the UNet's sample_size
 
@@ -65,8 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.chunk = 64  # trajectories per compiled sampling call (global)
     # Improvement (1 = release): G consecutive trajectories share prompt and initial noise
     # x_T, and DDPO standardises rewards within the group instead of its per-prompt tracker.
-    # Why: 95 % of the tiny sampler's reward variance is fixed by x_T; without it DDPO's demo
-    # did not rise (BENCHMARKS.md, "Demo runs"). B² ignores it (its branches share a prefix).
+    # Why: prompt and x_T fix 93 % of the tiny sampler's reward variance; without groups
+    # DDPO's demo did not rise (BENCHMARKS.md, "Demo runs"). B² ignores it (its branches
+    # share a prefix).
     c.sample.group = 1
 
     c.train = ml_collections.ConfigDict()
@@ -141,7 +142,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.b2.adv_clip = 5.0
     # Improvement (True = release best/worst selection). False: PPO on every branch with its
     # clipped z-score. Why: at the demo's 128 branches a stage selection kept 32, and the
-    # held-out reward rose +0.03 with it against +0.18 without (BENCHMARKS.md, "Demo runs").
+    # held-out reward rose +0.03 with it (one seed) against +0.20 ± 0.03 without (3 seeds;
+    # BENCHMARKS.md, "Demo runs").
     c.b2.select = True
     # Improvement ("prompt" = release: z-scores against the prompt's pooled history).
     # "prefix": within its prefix's branches, which share prompt, x_T and the prefix

@@ -10,18 +10,19 @@ One epoch (one B² stage) reads top to bottom:
               selection; DAG: none (the reward enters through the flow);
   4. update   per window of ``train.trajectories_per_step`` trajectories: (DAG) forward-looking
               rewards of every state with the current θ, then all the window's transitions,
-              shuffled (``dag.baseline=step``: in blocks of one step of a trajectory group), in
+              in the objective's order (DAG-KL: leave-one-out groups of distinct trajectories;
+              ``dag.baseline=step``: blocks of one step of a trajectory group), in
               micro-batches whose gradients are accumulated into one AdamW update (DAG: F̃ of
               every state once at the window's start, and φ's gradient as one VJP over the
-              states at its end, ``dag.flow_once_per_state``);
-  5. log and checkpoint.
+              states at its end, where states chain); B² with PPO updates on full windows only;
+  5. log and checkpoint; on SIGTERM (any process) stop at the next window boundary.
 
 The state is a ``TrainState`` passed into each step and returned by it; each objective
 (``objectives/``) says how its epoch is collected, cut into windows and trained.
 
 Everything random comes from ``fold_in(key(seed), epoch)`` and per-sample keys from *global*
 sample indices, so any mesh shape and any restart gives the same numbers. Workdir contents:
-see README.md ("The workdir").
+docs/workdir.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -46,6 +46,7 @@ from dag_jax.train.phases import Context, build_phases
 from dag_jax.train.run import init_trainable, load_model, make_tx, put_batch
 from dag_jax.train.state import TrainState
 from dag_jax.train.update import train_epoch
+from dag_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE, check_writable
 
 log = logging.getLogger("dag_jax.train")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, the convention for "stopped by SIGTERM"
@@ -130,10 +131,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.size)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # a local folder or a URL (gs://…), all through etils.epath; unwritable: an error right away
+    workdir = check_writable(workdir)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     model = load_model(config, mesh)
     key = jax.random.key(config.seed)
     # committed, replicated from the start: the arrays the jitted phases return look the same,
@@ -148,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         trackers=objective.trackers(config),
     )
     total = num_epochs(config)
-    with Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep) as ckpt:
+    with Checkpointer(workdir / CHECKPOINT_DIR, config.checkpoint.max_to_keep) as ckpt:
         restored = ckpt.restore(state.arrays())
         if restored is not None:
             _, arrays, extra = restored

@@ -5,39 +5,98 @@ tree) and export (``dag_jax.export``: the base pipeline and one checkpoint's LoR
 holds ``config.json`` (the run's config) and ``checkpoints/`` (one folder per epoch), as
 ``train_and_evaluate`` writes them; checkpoints are opened read-only, so a live run's saves are
 left alone.
+
+A workdir is a local folder or a URL that ``etils.epath`` (and so orbax) understands, e.g.
+``gs://bucket/run``: every read and write goes through :func:`workdir_path`'s ``epath.Path``
+(``gs://`` needs ``gcsfs``, the ``gcs`` extra, or TensorFlow). :func:`check_writable` is what
+training calls before anything compiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from dag_jax.infra import parallel
 from dag_jax.infra.checkpoint import Checkpointer
-from dag_jax.train.config import default_config
+from dag_jax.train.config import ConfigError, default_config
 from dag_jax.train.run import Model, checkpoint_template, init_trainable, load_model, make_tx
 
 log = logging.getLogger("dag_jax.train")
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+GCS_INSTALL_HINT = "pip install 'dag_jax[gcs]'"
+
+
+class WorkdirError(ConfigError):
+    """The workdir cannot be used: its filesystem is not installed, or it cannot be written."""
+
+
+def url_scheme(path: str | os.PathLike) -> str | None:
+    """Return the scheme of a URL path (``gs`` for ``gs://b/x``), None for a local path."""
+    head, sep, _ = os.fspath(path).partition("://")
+    return head if sep and head.isalnum() else None
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """Return ``workdir`` as an ``epath.Path``: a local folder or a URL such as ``gs://b/run``.
+
+    Pass URLs as strings (``pathlib.Path("gs://b/x")`` has already become ``gs:/b/x``).
+    Raises WorkdirError naming ``pip install 'dag_jax[gcs]'`` for a ``gs://`` workdir when
+    neither ``gcsfs`` (what ``etils.epath`` uses for ``gs://`` without TensorFlow) nor
+    TensorFlow is installed.
+    """
+    if isinstance(workdir, epath.Path):
+        return workdir
+    if url_scheme(workdir) == "gs" and not any(
+        importlib.util.find_spec(m) is not None for m in ("gcsfs", "tensorflow")
+    ):
+        raise WorkdirError(
+            f"the workdir {os.fspath(workdir)} is on Google Cloud Storage, which needs gcsfs: "
+            f"{GCS_INSTALL_HINT}"
+        )
+    return epath.Path(workdir)
+
+
+def check_writable(workdir: str | os.PathLike, process_index: int | None = None) -> epath.Path:
+    """Create ``workdir`` if needed and check that this process can write there; return it.
+
+    Writes and deletes ``.write_check.<process>`` (orbax writes array shards from every
+    process, so each one checks). On an object store, creating a folder does nothing and a
+    missing bucket or a lacking permission shows only on the first write: this is it, before
+    anything loads or compiles. Raises WorkdirError naming the workdir and the cause.
+    """
+    path = workdir_path(workdir)
+    index = jax.process_index() if process_index is None else process_index
+    probe = path / f".write_check.{index}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("dag_jax write check\n", encoding="utf-8")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - any failure: the filesystems' errors vary
+        raise WorkdirError(
+            f"cannot write to the workdir {path}: {type(e).__name__}: {e}".rstrip(": ")
+        ) from e
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A training run rebuilt from its workdir: config, model, optimizer and trainable trees."""
 
-    workdir: Path
+    workdir: epath.Path
     config: ml_collections.ConfigDict
     mesh: Mesh
     model: Model  # task=False: no prompts, negative embedding or reward
@@ -54,7 +113,7 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     Keys the run's file lacks (added to the project after the run) keep their defaults, so an
     older run still rebuilds. Raises FileNotFoundError when there is no config.json.
     """
-    path = Path(workdir) / CONFIG_FILE
+    path = workdir_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
     config = default_config()
@@ -88,7 +147,7 @@ def checkpoint_steps(workdir: str | os.PathLike, step: int | None = None) -> lis
     Raises FileNotFoundError naming the missing checkpoints folder, the folder without a
     complete checkpoint, or the missing ``step`` with the available ones.
     """
-    directory = Path(workdir) / CHECKPOINT_DIR
+    directory = workdir_path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
     with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
@@ -122,7 +181,7 @@ def restore_run(
     config.json, checkpoints folder or complete checkpoint (a missing ``step`` lists the
     available ones).
     """
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
     config = read_run_config(workdir)

@@ -55,7 +55,7 @@ def load_clip(
     when the folder, ``config.json`` or the weights are missing, ValueError for a config that is
     not a full CLIPConfig, and WeightsError listing every missing, unexpected or mis-shaped key.
     """
-    root = folder.resolve(path_or_id, revision)
+    root = folder.resolve(path_or_id, revision, parts=("",))  # weights at the root
     config = folder.read_json(root / "config.json")
     try:
         module, shapes = build_clip(config, dtype)

@@ -28,11 +28,68 @@ from dag_jax.weights.convert import (
 # Weight file stems, in order of preference, for diffusers parts and transformers parts.
 _TORCH_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _FLAX_FILES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+HUB_CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies, merges
+HUB_WEIGHT_PARTS = ("unet", "vae", "text_encoder")  # the parts load_pipeline reads weights of
 
 
-def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """Return a local folder for a path, or download a hub repo id's configs and safetensors."""
+def hub_selection(
+    files: list[str], variant: str | None = None, parts: tuple[str, ...] = HUB_WEIGHT_PARTS
+) -> list[str]:
+    """Return the files of a hub repo listing that a pipeline load needs.
+
+    Every config and tokenizer file, and for each of the UNet, VAE and text encoder one
+    precision of its weights: the ``variant`` ("fp16", …) if given, else the plain files;
+    safetensors before ``.bin`` (single file, or the shards its index names). Never the
+    repo's other variants (``fp16``, ``non_ema``, ``ema_only``), ``.ckpt`` files, or the
+    weights of parts it does not load (``safety_checker``). ``parts`` ("" = the repo's root,
+    a transformers model) are the folders whose weights are read. Raises FileNotFoundError
+    naming a part without matching weights and what the repo has for it.
+    """
+    chosen = sorted(f for f in files if f.endswith(HUB_CONFIG_SUFFIXES))
+    infix = f".{variant}" if variant else ""
+    for part in parts:
+        prefix = f"{part}/" if part else ""
+        mine = [f for f in files if f.startswith(prefix) and f.count("/") == prefix.count("/")]
+        if not mine:
+            continue  # the folder's own checks name a missing part
+        weights = part_weight_files(prefix, mine, infix)
+        if not weights:
+            have = sorted(f for f in mine if not f.endswith(HUB_CONFIG_SUFFIXES))
+            raise FileNotFoundError(
+                f"no {part or 'model'} weights{f' of variant {variant!r}' if variant else ''} "
+                "in the hub "
+                f"repo; it has {have}"
+            )
+        chosen += weights
+    return chosen
+
+
+def part_weight_files(prefix: str, files: list[str], infix: str) -> list[str]:
+    """Return one precision's weight files under ``prefix`` (one file or its shards), or []."""
+    for ext in (".safetensors", ".bin"):
+        for stem in _TORCH_STEMS:
+            single = f"{prefix}{stem}{infix}{ext}"
+            if single in files:
+                return [single]
+            shard = f"{prefix}{stem}{infix}-"
+            shards = [f for f in files if f.startswith(shard) and f.endswith(ext)]
+            shards = [f for f in shards if "-of-" in f[len(shard) :]]
+            if shards:
+                return sorted(shards)
+    return []
+
+
+def resolve(
+    path_or_id: str | os.PathLike,
+    revision: str | None = None,
+    variant: str | None = None,
+    parts: tuple[str, ...] = HUB_WEIGHT_PARTS,
+) -> Path:
+    """Return a local folder for a path, or download what a hub repo id's load needs.
+
+    A hub download takes the configs and one precision of the loaded parts' weights
+    (``hub_selection``) at ``revision``.
+    """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -41,14 +98,16 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     if looks_local:
         raise FileNotFoundError(f"model folder {text!r} does not exist")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
-        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
+        files = HfApi().list_repo_files(text, revision=revision)
     except Exception as err:  # offline, private or unknown repo
         raise FileNotFoundError(
-            f"{text!r} is not a local folder and could not be fetched from the hub "
-            f"({type(err).__name__}: {err}); pass a local diffusers folder instead"
+            f"{text!r} is not a local folder and could not be listed on the hub "
+            f"({type(err).__name__}: {err}); pass a local diffusers folder (--config.model)"
         ) from err
+    wanted = hub_selection(list(files), variant, parts)
+    return Path(snapshot_download(text, revision=revision, allow_patterns=wanted))
 
 
 def read_json(path: Path) -> dict:

@@ -24,18 +24,24 @@ Records (``impl`` = ``groupG``, ``config`` has the task):
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import train
+from dag_jax.algos.stats import group_advantages
 from dag_jax.algos.transitions import from_trajectory, take
 from dag_jax.bench.common import Settings, machine_info, record
 from dag_jax.bench.tinyworld import base_world, demo_config
+from dag_jax.train.collect import sample_scored
+from dag_jax.train.phases import build_phases
+from dag_jax.train.run import make_tx
 
 
-def _gradient(model, phases, trainable, traj, prompt_idx, advantage, micro_batch: int):
+def _gradient(ctx, trainable, traj, prompt_idx, advantage, micro_batch: int):
     """Return the mean LoRA gradient of the surrogate over all transitions of ``traj``."""
+    model = ctx.model
     batch = from_trajectory(
         traj,
         model.schedule,
@@ -48,7 +54,7 @@ def _gradient(model, phases, trainable, traj, prompt_idx, advantage, micro_batch
     count = 0
     for lo in range(0, batch.size - micro_batch + 1, micro_batch):
         sub = take(batch, jnp.arange(lo, lo + micro_batch))
-        total, _ = phases.grad_step(trainable, model.frozen, sub, jnp.float32(0.0), total)
+        total, _ = ctx.phases.grad_step(trainable, model.frozen, sub, jnp.float32(0.0), total)
         count += 1
     return jax.tree.map(lambda a: a / count, total["lora"])
 
@@ -69,9 +75,9 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
             f"--batch ({batch}) must split into chunks of {chunk} and groups of {group}"
         )
     config.sample.chunk = chunk
-    mesh, model, trainable, phases = base_world(config)
+    ctx, trainable = base_world(config)
     rng = np.random.default_rng(seed)
-    n_prompts = len(model.prompts)
+    n_prompts = len(ctx.model.prompts)
 
     def key_of(salt: int) -> jax.Array:
         return jax.random.key(1000 * seed + salt)
@@ -82,9 +88,9 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
     grads, spread = [], []
     for k in range(2):
         idx = prompts()
-        traj, r = train.sample_scored(model, phases, mesh, trainable, idx, key_of(100 + k), chunk)
-        adv = train.group_advantages(r, group if group > 1 else r.size)
-        grads.append(_gradient(model, phases, trainable, traj, idx, adv, 64))
+        traj, r = sample_scored(ctx, trainable, idx, key_of(100 + k), chunk)
+        adv = group_advantages(r, group if group > 1 else r.size)
+        grads.append(_gradient(ctx, trainable, traj, idx, adv, 64))
         spread.append((r.std(), r.reshape(-1, group).std(1).mean() if group > 1 else r.std()))
     a, b = _flat(grads[0]), _flat(grads[1])
     out = {
@@ -96,15 +102,16 @@ def ascent(task: str, group: int, batch: int, lrs: list[float], seed: int) -> di
     eval_idx = rng.integers(0, n_prompts, batch)
     eval_key = key_of(999)
     config.sample.group = 1  # evaluation: every sample its own x_T
-    phases = train.build_phases(model, config, train.make_tx(config, trainable))
-    _, r0 = train.sample_scored(model, phases, mesh, trainable, eval_idx, eval_key, chunk)
+    phases = build_phases(ctx.model, config, make_tx(config, trainable))  # group 1 sampling
+    ctx = dataclasses.replace(ctx, phases=phases)
+    _, r0 = sample_scored(ctx, trainable, eval_idx, eval_key, chunk)
     for lr in lrs:
         changes = []
         for sign in (1.0, -1.0):
             step = sign * lr
             lora = jax.tree.map(lambda p, d, s=step: p - s * jnp.sign(d), trainable["lora"], g)
             moved = {**trainable, "lora": lora}
-            _, r = train.sample_scored(model, phases, mesh, moved, eval_idx, eval_key, chunk)
+            _, r = sample_scored(ctx, moved, eval_idx, eval_key, chunk)
             changes.append(r - r0)
         plus, minus = changes
         tag = f"lr{lr:g}"

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dag_jax import train
 from dag_jax.bench.common import Settings, machine_info, record
 from dag_jax.bench.tinyworld import base_world, demo_config
 from dag_jax.diffusion import ddim
+from dag_jax.train.collect import sample_scored
 
 
 def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
@@ -41,13 +41,12 @@ def dbterms(task: str, group: int, batch: int, seed: int) -> dict[str, float]:
             f"--batch ({batch}) must split into chunks of {chunk} and groups of {group} >= 2"
         )
     config.sample.chunk = chunk
-    mesh, model, trainable, phases = base_world(config)
+    ctx, trainable = base_world(config)
+    model = ctx.model
     rng = np.random.default_rng(seed)
     prompt_idx = np.repeat(rng.integers(0, len(model.prompts), batch // group), group)
-    traj, _ = train.sample_scored(
-        model, phases, mesh, trainable, prompt_idx, jax.random.key(seed), chunk
-    )
-    state_rewards = phases.fl_rewards(
+    traj, _ = sample_scored(ctx, trainable, prompt_idx, jax.random.key(seed), chunk)
+    state_rewards = ctx.phases.fl_rewards(
         model.frozen, trainable, model.reward.params, traj, jnp.asarray(prompt_idx)
     )
     state_rewards = np.asarray(state_rewards, np.float64)  # (B, K+1)
