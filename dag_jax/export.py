@@ -5,6 +5,9 @@
     [--step=N]       an epoch of RUN/checkpoints (default: the latest)
     [--overwrite]    replace a non-empty DIR
 
+RUN is a local folder or a URL such as ``gs://bucket/run`` (read through ``etils.epath``, as
+training wrote it; ``gs://`` needs ``pip install 'dag_jax[gcs]'``); DIR is a local folder.
+
 ``pipeline`` writes a complete diffusers folder: the UNet with W + (α/r)·A·B in every adapted
 projection, the VAE, text encoder, tokenizer and scheduler of the run's base model. Load it with
 ``StableDiffusionPipeline.from_pretrained(DIR)``.

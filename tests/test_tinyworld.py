@@ -275,7 +275,7 @@ def test_load_pipeline_tiny_names_the_fix_when_missing(monkeypatch, tmp_path):
     from dag_jax.pipeline import builtin_path
 
     monkeypatch.setattr(dag_jax.tinyworld.assets, "TINY_SD", tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="pretrain_tiny"):
+    with pytest.raises(FileNotFoundError, match=r"python -m dag_jax\.tinyworld"):
         builtin_path("tiny")
     assert builtin_path("some/folder") == "some/folder"
 

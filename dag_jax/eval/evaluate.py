@@ -53,15 +53,16 @@ devices.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from dag_jax import rewards
 from dag_jax.eval import diversity
@@ -72,7 +73,7 @@ from dag_jax.rewards.base import scorer
 from dag_jax.train.config import ConfigError, objective_of
 from dag_jax.train.phases import Phases, build_phases
 from dag_jax.train.run import load_prompts, put_batch
-from dag_jax.train.workdir import Run, restore_run
+from dag_jax.train.workdir import Run, restore_run, url_scheme, workdir_path
 
 log = logging.getLogger("dag_jax.eval.evaluate")
 
@@ -264,7 +265,18 @@ def split_metrics(samples: SplitSamples, base: SplitSamples | None) -> dict[str,
 # --------------------------------------------------------------------------- files
 
 
-def save_samples(path: Path, samples: Mapping[str, SplitSamples]) -> None:
+def _write_whole(path: epath.Path, data: bytes) -> None:
+    """Write ``path`` at once: locally to a temporary name renamed into place; on an object
+    store (``gs://``) as one upload, which replaces the object when it completes."""
+    if url_scheme(path) is not None:
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def save_samples(path: epath.Path, samples: Mapping[str, SplitSamples]) -> None:
     """Write the splits' features, rewards, prompts and grid images to an .npz file."""
     arrays = {}
     for split, s in samples.items():
@@ -273,15 +285,15 @@ def save_samples(path: Path, samples: Mapping[str, SplitSamples]) -> None:
         arrays[f"{split}__prompts"] = np.asarray(s.prompts, dtype=np.str_)
         for name, v in s.rewards.items():
             arrays[f"{split}__reward__{name}"] = v
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    _write_whole(epath.Path(path), buffer.getvalue())
 
 
-def load_samples(path: Path) -> dict[str, SplitSamples]:
+def load_samples(path: epath.Path) -> dict[str, SplitSamples]:
     """Read what ``save_samples`` wrote."""
     out = {}
-    with np.load(path) as data:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
         for split in SPLITS:
             if f"{split}__features" not in data:
                 continue
@@ -295,13 +307,15 @@ def load_samples(path: Path) -> dict[str, SplitSamples]:
     return out
 
 
-def write_grid(path: Path, grid: np.ndarray) -> None:
+def write_grid(path: epath.Path, grid: np.ndarray) -> None:
     """Write a (rows, cols, H, W, 3) uint8 image array as one PNG grid."""
     from PIL import Image
 
     rows, cols = grid.shape[:2]
     tiled = image_grid(grid.reshape(rows * cols, *grid.shape[2:]), rows=rows)
-    Image.fromarray(tiled).save(path)
+    png = io.BytesIO()
+    Image.fromarray(tiled).save(png, format="PNG")
+    _write_whole(epath.Path(path), png.getvalue())
 
 
 def compare_grid(base: np.ndarray, aligned: np.ndarray) -> np.ndarray:
@@ -320,11 +334,10 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: epath.Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as indented JSON (atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_ready(data), indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_json_ready(data), indent=2, allow_nan=False)
+    _write_whole(epath.Path(path), text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -354,7 +367,7 @@ def _settings(run: Run, ev: Evaluator) -> dict[str, Any]:
 
 
 def _cached_base(
-    eval_root: Path, settings: Mapping[str, Any], splits: Mapping[str, list[str]]
+    eval_root: epath.Path, settings: Mapping[str, Any], splits: Mapping[str, list[str]]
 ) -> dict[str, SplitSamples] | None:
     """Return the base model's samples in ``eval_root/base`` if they fit, else None."""
     folder = eval_root / BASE_TAG
@@ -374,7 +387,7 @@ def _evaluate_model(
     tag: str,
     splits: Mapping[str, list[str]],
     skipped: Mapping[str, str],
-    out: Path,
+    out: epath.Path,
     base: Mapping[str, SplitSamples] | None,
 ) -> dict[str, Any]:
     """Sample, score and embed one model; write its eval folder; return its eval.json dict."""
@@ -475,7 +488,7 @@ def evaluate(
         grid_seeds=grid_seeds,
         progress=progress,
     )
-    out = Path(out) if out is not None else Path(workdir) / EVAL_DIR
+    out = workdir_path(out) if out is not None else run.workdir / EVAL_DIR
     if base:
         return _evaluate_model(ev, run.initial, BASE_TAG, splits, skipped, out, None)
     base_samples = _cached_base(out, _settings(run, ev), splits)

@@ -31,6 +31,7 @@ Typical use in a training loop::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -86,9 +87,9 @@ class Checkpointer:
     ) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be ≥ 1 or None, got {max_to_keep}")
-        # orbax needs absolute paths for array data (a relative workdir is common on the CLI)
-        local = not str(directory).startswith(("gs://", "s3://"))
-        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
+        # orbax needs absolute paths for array data (a relative workdir is common on the CLI);
+        # a URL (gs://…; pass it as a str or epath.Path) goes to orbax as it is
+        self.directory = epath.Path(directory if _is_url(directory) else os.path.abspath(directory))
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
@@ -118,8 +119,12 @@ class Checkpointer:
         """Return the epochs of all complete checkpoints, oldest first.
 
         Complete means orbax finalised the step directory and, when this directory's
-        checkpoints carry commit markers at all, that this one has its marker too.
+        checkpoints carry commit markers at all, that this one has its marker too. A
+        read-only checkpointer reads the directory afresh (the run may have saved since).
         """
+        _forget_listings(self.directory)
+        if self.read_only:
+            self._manager.reload()
         return _committed_steps(self.directory, self._manager.all_steps())
 
     def latest_epoch(self) -> int | None:
@@ -214,6 +219,7 @@ class Checkpointer:
           FileNotFoundError: ``epoch`` is given and has no complete checkpoint.
         """
         self._manager.wait_until_finished()
+        _forget_listings(self.directory)
         self._manager.reload()
         listed = list(self._manager.all_steps())
         committed = _committed_steps(self.directory, listed)
@@ -310,6 +316,30 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
         registry.add(_EXTRA, args_type, extra)
     return registry
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    """Return whether ``path`` is a URL (``gs://b/x``, ``s3://…``) rather than a local path."""
+    head, sep, _ = os.fspath(path).partition("://")
+    return bool(sep) and head.isalnum()
+
+
+def _forget_listings(directory: epath.Path) -> None:
+    """Drop the directory listings that ``epath``'s fsspec filesystem cached (URLs only).
+
+    Without TensorFlow, ``epath`` reads ``gs://`` through one cached fsspec filesystem
+    (gcsfs) that remembers listings until it writes there itself; what other processes, other
+    hosts or tensorstore (orbax's array writes) wrote since would stay unseen. Locally, and
+    with TensorFlow's gfile (no cache), there is nothing to drop.
+    """
+    if not _is_url(directory) or importlib.util.find_spec("tensorflow") is not None:
+        return
+    try:
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(os.fspath(directory)).invalidate_cache()
+    except Exception as e:  # noqa: BLE001 - no fsspec filesystem for it: nothing cached
+        log.debug("could not drop cached listings of %s: %s", directory, e)
 
 
 def _as_step(epoch: Any) -> int:

@@ -9,6 +9,16 @@ Everything goes under the run's workdir (a str or any ``etils.epath`` path, ``gs
 Only process 0 writes (in multi-host jobs the other processes get a writer whose methods do
 nothing), so every process can make the same calls.
 
+Object stores (``gs://``) cannot append to a file, so ``metrics.jsonl`` is never appended to:
+the writer keeps its lines in memory (those of an earlier run in the same workdir read back
+first) and writes the whole file anew on each :meth:`MetricsWriter.write_scalars` (locally to
+a temporary name renamed into place; on an object store one upload, which replaces the object
+at once). Readers see the previous file or the new one, never half a line. For a URL workdir
+the TensorBoard event file is written in a local temporary folder and copied to the workdir
+(whole, with ``epath``) at :meth:`MetricsWriter.flush`, :meth:`MetricsWriter.close` and after
+a ``write_*`` call once ``sync_secs`` have passed since the last copy; a run that crashes
+loses the TensorBoard events since that copy (``metrics.jsonl`` and the grids are complete).
+
 ``metrics.jsonl`` lines are strict JSON (no ``NaN``/``Infinity`` tokens): a non-finite value is
 written as ``null`` and :func:`read_metrics` reads ``null`` back as ``nan``. Each line has
 ``step``, ``wall_time`` (Unix seconds) and the scalars, ints staying ints.
@@ -20,12 +30,15 @@ modules runs its package ``__init__``, which imports TensorFlow (clu 0.0.12).
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -171,7 +184,24 @@ def _safe_name(name: str) -> str:
 _writer_ids = itertools.count()
 
 
-def _open_tensorboard(logdir: epath.Path) -> SummaryWriter:
+def _is_url(path: epath.Path) -> bool:
+    """Return whether ``path`` is a URL (``gs://b/x``) rather than a local path."""
+    head, sep, _ = os.fspath(path).partition("://")
+    return bool(sep) and head.isalnum()
+
+
+def _write_whole(path: epath.Path, data: bytes) -> None:
+    """Write ``path`` at once: locally to a temporary name renamed into place; on an object
+    store as one upload (the new object replaces the old one when the upload completes)."""
+    if _is_url(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _open_tensorboard(logdir: epath.Path | str) -> SummaryWriter:
     """Return a tensorboardX writer of a new event file in ``logdir``.
 
     The file name ends in ``.{pid}.{n}`` so that two writers started in the same second (a
@@ -185,14 +215,17 @@ def _open_tensorboard(logdir: epath.Path) -> SummaryWriter:
 
 
 class MetricsWriter:
-    """Append metrics to ``workdir/metrics.jsonl`` and TensorBoard; save sample grids.
+    """Log metrics to ``workdir/metrics.jsonl`` and TensorBoard; save sample grids.
 
     Args:
-      workdir: the run directory, a str or path (``etils.epath``, so ``gs://`` too); created
-        if missing.
+      workdir: the run directory, a str or path (``etils.epath``, so ``gs://`` too: pass URLs
+        as str or ``epath.Path``); created if missing. An existing ``metrics.jsonl`` (a resumed
+        run) is read and kept; new records follow its lines.
       process_index: this process's index; None asks ``jax.process_index()``. Only process 0
         writes; elsewhere every method is a no-op.
       tensorboard: whether to write TensorBoard event files (with ``tensorboardX``) too.
+      sync_secs: URL workdirs only: the least seconds between two copies of the local
+        TensorBoard event file to the workdir after ``write_*`` calls.
 
     Usable as a context manager (closes on exit).
     """
@@ -203,6 +236,7 @@ class MetricsWriter:
         process_index: int | None = None,
         *,
         tensorboard: bool = True,
+        sync_secs: float = 60.0,
     ) -> None:
         if process_index is None:
             import jax
@@ -213,11 +247,19 @@ class MetricsWriter:
         self.metrics_path = self.workdir / METRICS_FILE
         self.samples_dir = self.workdir / SAMPLES_DIR
         self._tb: SummaryWriter | None = None
+        self._lines: list[str] = []  # metrics.jsonl as written, one entry a line
+        self._tb_local: str | None = None  # URL workdirs: the local folder of the event file
+        self._sync_secs, self._synced_at = sync_secs, time.monotonic()
         if not self.active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_path.exists():
+            text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")
+            self._lines = [line.strip() for line in text.splitlines() if line.strip()]
         if tensorboard:
-            self._tb = _open_tensorboard(self.workdir)
+            if _is_url(self.workdir):
+                self._tb_local = tempfile.mkdtemp(prefix="dag_jax_tensorboard_")
+            self._tb = _open_tensorboard(self._tb_local or self.workdir)
         log.info("Metrics: %s, TensorBoard: %s", self.metrics_path, "on" if tensorboard else "off")
 
     def __enter__(self) -> MetricsWriter:
@@ -244,10 +286,12 @@ class MetricsWriter:
         record.update({str(k): to_json_number(v) for k, v in scalars.items()})
         if not self.active:
             return None
-        _append_line(self.metrics_path, json.dumps(record, allow_nan=False))
+        self._lines.append(json.dumps(record, allow_nan=False))
+        self._write_metrics()
         if self._tb is not None:
             for tag, value in scalars.items():
                 self._tb.add_scalar(str(tag), _as_float(value), global_step=step)
+            self._maybe_sync()
         return record
 
     def write_images(
@@ -270,12 +314,12 @@ class MetricsWriter:
             raise ValueError(f"images must be (N, H, W, C) or (H, W, C), got {array.shape}")
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"{_safe_name(name)}_{int(step):06d}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        tmp.replace(path)
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        _write_whole(path, png.getvalue())
         if self._tb is not None:
             self._tb.add_image(name, grid, global_step=int(step), dataformats="HWC")
+            self._maybe_sync()
         return path
 
     def truncate_after(self, step: int) -> int:
@@ -283,47 +327,58 @@ class MetricsWriter:
 
         Call it when resuming from a checkpoint of ``step``: the records of the steps that
         will be redone (logged after that checkpoint, before the run stopped) go away.
-        Unreadable lines are dropped too. The file is rewritten atomically.
+        Unreadable lines are dropped too. The file is rewritten whole (see the module doc).
         """
-        if not self.active or not self.metrics_path.exists():
+        if not self.active:
             return 0
-        kept, dropped = [], 0
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        kept = []
+        for line in self._lines:
             record = _parse_line(line)
             if record is not None and int(record.get("step", 0)) <= step:
-                kept.append(line.strip())
-            elif line.strip():
-                dropped += 1
+                kept.append(line)
+        dropped = len(self._lines) - len(kept)
         if dropped:
-            tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            tmp.replace(self.metrics_path)
+            self._lines = kept
+            self._write_metrics()
             log.info("Dropped %d metrics record(s) after step %d.", dropped, step)
         return dropped
 
+    def _write_metrics(self) -> None:
+        """Write ``metrics.jsonl`` anew from the lines in memory."""
+        _write_whole(self.metrics_path, "".join(f"{line}\n" for line in self._lines).encode())
+
+    def _maybe_sync(self) -> None:
+        """Copy the local TensorBoard files to a URL workdir if ``sync_secs`` have passed."""
+        if self._tb_local is not None and time.monotonic() - self._synced_at >= self._sync_secs:
+            self.flush()
+
+    def _sync_tensorboard(self) -> None:
+        """Copy every file of the local TensorBoard folder to the workdir, each whole."""
+        for name in sorted(os.listdir(self._tb_local)):
+            with open(os.path.join(self._tb_local, name), "rb") as f:
+                (self.workdir / name).write_bytes(f.read())
+        self._synced_at = time.monotonic()
+
     def flush(self) -> None:
-        """Flush TensorBoard (``metrics.jsonl`` lines are flushed as they are written)."""
+        """Flush TensorBoard (``metrics.jsonl`` is complete after each write) and, for a URL
+        workdir, copy its event file there."""
         if self._tb is not None:
             self._tb.flush()
+            if self._tb_local is not None:
+                self._sync_tensorboard()
 
     def close(self) -> None:
-        """Flush and close TensorBoard (idempotent)."""
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def _append_line(path: epath.Path, line: str) -> None:
-    """Append one line to ``path``, first ending a partial last line a crash left behind."""
-    prefix = ""
-    if path.exists() and path.stat().length > 0:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                prefix = "\n"
-    with path.open("a", encoding="utf-8") as f:
-        f.write(prefix + line + "\n")
-        f.flush()
+        """Flush and close TensorBoard, copying a URL workdir's event file there (idempotent)."""
+        try:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+                if self._tb_local is not None:
+                    self._sync_tensorboard()
+        finally:
+            if self._tb_local is not None:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+                self._tb_local = None
 
 
 def _parse_line(line: str) -> dict[str, Any] | None:

@@ -281,6 +281,45 @@ def process_indices(epoch_offset: int, global_batch: int, mesh: Mesh | None = No
     return global_indices(epoch_offset, global_batch)[process_rows(global_batch, mesh)]
 
 
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Return (the batch rows this process scores, their values as host numpy).
+
+    The rows of ``x``'s addressable shards (each device's block of a batch-sharded array);
+    when shards hold the whole batch (replicated), an even share per process instead, so no
+    two processes do the same rows' host work.
+    """
+    n = x.shape[0]
+    blocks = {}
+    for shard in x.addressable_shards:
+        start, stop, _ = shard.index[0].indices(n) if shard.index else (0, n, 1)
+        blocks.setdefault((start, stop), shard.data)
+    if any(stop - start == n for start, stop in blocks) and jax.process_count() > 1:
+        rows = np.array_split(np.arange(n), jax.process_count())[jax.process_index()]
+        whole = next(data for (start, stop), data in blocks.items() if stop - start == n)
+        return rows, np.asarray(whole)[rows]
+    order = sorted(blocks)
+    rows = np.concatenate([np.arange(a, b) for a, b in order]) if order else np.zeros(0, int)
+    values = [np.asarray(blocks[k]) for k in order]
+    return rows, np.concatenate(values) if values else np.zeros((0, *x.shape[1:]), x.dtype)
+
+
+def rows_to_global(rows: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Return the (size,) values of every process's ``rows`` put together (a collective).
+
+    Each process passes the per-row scalars it computed; only those scalars travel. Raises
+    ValueError if a row was computed by no process or by two.
+    """
+    full = np.zeros((2, size), np.float64)
+    full[0, rows], full[1, rows] = values, 1.0
+    if jax.process_count() > 1:
+        full = np.asarray(multihost_utils.process_allgather(full)).sum(0)
+    if not np.all(full[1] == 1.0):
+        raise ValueError(
+            f"rows computed by no or several processes: {np.flatnonzero(full[1] != 1)}"
+        )
+    return full[0].astype(np.asarray(values).dtype if np.size(values) else np.float32)
+
+
 def any_process(flag: bool) -> bool:
     """Return whether ``flag`` is true on any process (every process must call this)."""
     if jax.process_count() == 1:

@@ -34,10 +34,19 @@ class Collected:
 
 
 def score(ctx: Context, images: jax.Array, prompt_idx: np.ndarray) -> np.ndarray:
-    """Return (B,) fp32 rewards on the host (JAX rewards jitted, host ones on gathered images)."""
-    model, jitted = ctx.model, ctx.phases.reward
-    fn = scorer(model.reward, model.prompts, to_host=parallel.gather, jitted=jitted)
-    return fn(images, put_batch(ctx.mesh, prompt_idx) if model.reward.jittable else prompt_idx)
+    """Return the (B,) fp32 rewards of every row, on every process.
+
+    JAX rewards run jitted on the sharded images (each device its rows); a host reward is
+    called by each process on its own rows only (``parallel.local_rows``), and only the
+    per-row scalars are gathered.
+    """
+    model = ctx.model
+    if model.reward.jittable:
+        fn = scorer(model.reward, model.prompts, to_host=parallel.gather, jitted=ctx.phases.reward)
+        return fn(images, put_batch(ctx.mesh, prompt_idx))
+    rows, local = parallel.local_rows(images)
+    values = scorer(model.reward, model.prompts)(local, prompt_idx[rows]) if rows.size else []
+    return parallel.rows_to_global(rows, np.asarray(values, np.float32), prompt_idx.size)
 
 
 def concat_trajectories(trajs: list[Trajectory]) -> Trajectory:

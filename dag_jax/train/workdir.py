@@ -58,8 +58,6 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     neither ``gcsfs`` (what ``etils.epath`` uses for ``gs://`` without TensorFlow) nor
     TensorFlow is installed.
     """
-    if isinstance(workdir, epath.Path):
-        return workdir
     if url_scheme(workdir) == "gs" and not any(
         importlib.util.find_spec(m) is not None for m in ("gcsfs", "tensorflow")
     ):
@@ -86,8 +84,13 @@ def check_writable(workdir: str | os.PathLike, process_index: int | None = None)
         probe.write_text("dag_jax write check\n", encoding="utf-8")
         probe.unlink()
     except Exception as e:  # noqa: BLE001 - any failure: the filesystems' errors vary
+        hint = (
+            "; check that the bucket exists and that this machine's credentials may write to it"
+            if url_scheme(path)
+            else ""
+        )
         raise WorkdirError(
-            f"cannot write to the workdir {path}: {type(e).__name__}: {e}".rstrip(": ")
+            f"cannot write to the workdir {path} ({type(e).__name__}: {e}){hint}"
         ) from e
     return path
 
