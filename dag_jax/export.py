@@ -3,7 +3,7 @@
     python -m dag_jax.export --workdir=RUN --out=DIR --format=pipeline   # full folder, LoRA merged
     python -m dag_jax.export --workdir=RUN --out=DIR --format=lora       # the LoRA alone
     [--step=N]       an epoch of RUN/checkpoints (default: the latest)
-    [--overwrite]    replace a non-empty DIR
+    [--overwrite]    replace a DIR that an earlier export wrote (never anything else)
 
 RUN is a local folder or a URL such as ``gs://bucket/run`` (read through ``etils.epath``, as
 training wrote it; ``gs://`` needs ``pip install 'dag_jax[gcs]'``); DIR is a local folder.
@@ -18,13 +18,16 @@ projection, the VAE, text encoder, tokenizer and scheduler of the run's base mod
 in the file's ``lora_adapter_metadata`` so that diffusers scales the adapter by α/r.
 
 Both are written into a temp folder beside DIR and renamed into place: a failure leaves
-nothing half-written, and an existing non-empty DIR is refused unless ``overwrite``.
+nothing half-written. Every export folder holds a ``.dag_jax_export`` marker; an existing
+non-empty DIR is refused unless ``overwrite``, and even then only a folder with that marker is
+replaced. DIR may never be RUN, lie inside RUN or contain it, nor hold a run (``checkpoints/``
+or ``metrics.jsonl``); these are refused before anything loads. Weights with NaN or inf (a
+diverged run) are refused too, and nothing is written.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dag_jax.infra import parallel
+from dag_jax.infra import console, parallel
 from dag_jax.models.lora import LoRAConfig, merge, pairs
 from dag_jax.pipeline import Pipeline, save_pipeline
 from dag_jax.train.workdir import Run, restore_run
@@ -43,6 +46,16 @@ FORMATS = ("pipeline", "lora")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base
 UNET_PREFIX = "unet"  # StableDiffusionLoraLoaderMixin.unet_name
+EXPORT_MARKER = ".dag_jax_export"  # in every export folder: what ``overwrite`` may replace
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl")  # what marks a training run's folder
+
+
+class UnsafeOutputError(FileExistsError):
+    """The output folder cannot be written or replaced without destroying other data."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """The weights to export hold NaN or inf."""
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -66,13 +79,89 @@ def host_lora(run: Run) -> dict:
 # --------------------------------------------------------------------------- writing
 
 
-def refuse_non_empty(out: str | os.PathLike, overwrite: bool) -> None:
-    """Raise FileExistsError early (before a long load) if ``out`` would be refused."""
+def check_out(
+    out: str | os.PathLike, overwrite: bool, workdir: str | os.PathLike | None = None
+) -> Path:
+    """Raise early (before a long load) if writing ``out`` could destroy data; return it.
+
+    UnsafeOutputError, whatever ``overwrite`` says, for: the (local) ``workdir`` itself, a
+    folder inside it or one that contains it; a folder holding a run (``checkpoints/`` or
+    ``metrics.jsonl``); a file. A non-empty folder raises FileExistsError unless
+    ``overwrite``, and with it UnsafeOutputError unless an earlier export wrote it (it holds
+    ``EXPORT_MARKER``). Every message names the folder and why.
+    """
     out = Path(out).expanduser().absolute()
-    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    real = out.resolve()
+    if workdir is not None and "://" not in os.fspath(workdir):
+        run = Path(workdir).expanduser().resolve()
+        where = (
+            "is the run's workdir"
+            if real == run
+            else "is inside the run's workdir"
+            if real.is_relative_to(run)
+            else "contains the run's workdir"
+            if run.is_relative_to(real)
+            else ""
+        )
+        if where:
+            raise UnsafeOutputError(
+                f"output {out} {where} {run}: export never writes into or replaces a training "
+                "run; choose a folder outside it"
+            )
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise UnsafeOutputError(
+            f"output {out} is an existing file, not a folder; export writes a folder and "
+            "replaces only a folder that an earlier export wrote"
+        )
+    held = [name for name in RUN_ENTRIES if (out / name).exists()]
+    if held:
+        raise UnsafeOutputError(
+            f"output {out} holds {' and '.join(held)}: it is a training run, which export "
+            "never writes into or replaces; choose another folder"
+        )
+    if not any(out.iterdir()):
+        return out
+    if not overwrite:
         raise FileExistsError(
             f"output {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
+    if not (out / EXPORT_MARKER).is_file():
+        raise UnsafeOutputError(
+            f"output {out} is not a folder that dag_jax.export wrote (it has no {EXPORT_MARKER} "
+            "file), so --overwrite does not replace it; remove it yourself or choose another folder"
+        )
+    return out
+
+
+def check_finite(tree, what: str) -> None:
+    """Raise NonFiniteWeightsError naming ``what`` and its arrays that hold NaN or inf."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    bad = []
+    for path, leaf in leaves:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            bad.append(f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf)")
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to export {what}: {len(bad)} of {len(leaves)} arrays hold NaN or inf, "
+            f"e.g. {'; '.join(bad[:3])}; nothing was written. The run diverged at or before "
+            "this checkpoint: export an earlier one (--step=N)"
+        )
+
+
+def write_marker(folder: Path, fmt: str, source: Mapping | None = None) -> None:
+    """Write ``EXPORT_MARKER`` (JSON: the format and, if given, the workdir and step)."""
+    info = {"written_by": "dag_jax.export", "format": fmt, **dict(source or {})}
+    (folder / EXPORT_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _describe(what: str, source: Mapping | None) -> str:
+    if not source:
+        return what
+    return f"{what} of {source.get('workdir')} at step {source.get('step')}"
 
 
 def save_merged_pipeline(
@@ -81,10 +170,22 @@ def save_merged_pipeline(
     lora_config: LoRAConfig,
     out: str | os.PathLike,
     overwrite: bool = False,
+    source: Mapping | None = None,
 ) -> Path:
-    """Write a diffusers folder of ``pipe`` with the LoRA merged into its UNet; return it."""
+    """Write a diffusers folder of ``pipe`` with the LoRA merged into its UNet; return it.
+
+    ``out`` is checked by ``check_out``; a LoRA or merged UNet with NaN or inf raises
+    NonFiniteWeightsError and nothing is written. ``source`` (workdir, step) goes into the
+    folder's ``EXPORT_MARKER``.
+    """
+    check_out(out, overwrite)
+    check_finite(lora, _describe("the LoRA", source))
     merged = merge(pipe.params["unet"], lora, lora_config.scale)
-    return save_pipeline(pipe, out, params={"unet": merged}, overwrite=overwrite)
+    check_finite(merged, _describe("the merged UNet", source))
+    with AtomicDir(out, overwrite) as tmp:  # the pipeline and the marker appear together
+        save_pipeline(pipe, tmp, params={"unet": merged}, overwrite=True)
+        write_marker(tmp, "pipeline", source)
+    return Path(out)
 
 
 def lora_modules(lora: Mapping) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
@@ -128,11 +229,20 @@ def lora_adapter_metadata(
 
 
 def save_lora(
-    lora: Mapping, lora_config: LoRAConfig, out: str | os.PathLike, overwrite: bool = False
+    lora: Mapping,
+    lora_config: LoRAConfig,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    source: Mapping | None = None,
 ) -> Path:
-    """Write ``out/pytorch_lora_weights.safetensors`` (diffusers' LoRA layout); return ``out``."""
+    """Write ``out/pytorch_lora_weights.safetensors`` (diffusers' LoRA layout); return ``out``.
+
+    As ``save_merged_pipeline``: ``out`` checked, a LoRA with NaN or inf refused.
+    """
     from safetensors.numpy import save_file
 
+    check_out(out, overwrite)
+    check_finite(lora, _describe("the LoRA", source))
     ranks = {a.shape[1] for a, _ in lora_modules(lora).values()}
     if ranks != {lora_config.rank}:
         raise ValueError(f"LoRA ranks {sorted(ranks)} differ from the config's {lora_config.rank}")
@@ -144,6 +254,7 @@ def save_lora(
     }
     with AtomicDir(out, overwrite) as tmp:
         save_file(lora_state_dict(lora), str(tmp / LORA_WEIGHT_NAME), metadata=metadata)
+        write_marker(tmp, "lora", source)
     return Path(out)
 
 
@@ -157,9 +268,11 @@ def export_pipeline(
     overwrite: bool = False,
 ) -> Path:
     """Write the run's model at ``step`` (None: latest) as a diffusers folder, LoRA merged."""
-    refuse_non_empty(out, overwrite)
+    check_out(out, overwrite, workdir)
     run = load_run(workdir, step)
-    return save_merged_pipeline(run.model.pipe, host_lora(run), run.model.lora, out, overwrite)
+    source = _source(workdir, run)
+    lora = host_lora(run)
+    return save_merged_pipeline(run.model.pipe, lora, run.model.lora, out, overwrite, source)
 
 
 def export_lora(
@@ -169,9 +282,13 @@ def export_lora(
     overwrite: bool = False,
 ) -> Path:
     """Write the run's LoRA at ``step`` (None: latest) for diffusers' ``load_lora_weights``."""
-    refuse_non_empty(out, overwrite)
+    check_out(out, overwrite, workdir)
     run = load_run(workdir, step)
-    return save_lora(host_lora(run), run.model.lora, out, overwrite)
+    return save_lora(host_lora(run), run.model.lora, out, overwrite, _source(workdir, run))
+
+
+def _source(workdir: str | os.PathLike, run: Run) -> dict:
+    return {"workdir": os.fspath(workdir), "step": int(run.step)}
 
 
 def export(
@@ -200,7 +317,9 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_integer("step", None, "checkpoint epoch (default: the latest)", flag_values=fv)
     flags.DEFINE_string("out", None, "output folder", flag_values=fv)
     flags.DEFINE_enum("format", "pipeline", FORMATS, "what to write", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "replace a non-empty output folder", flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an output folder that an earlier export wrote", flag_values=fv
+    )
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
@@ -210,7 +329,7 @@ def main(argv, flag_values=None) -> None:
 
     del argv
     fv = flag_values if flag_values is not None else flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.configure(fv["verbosity"].value if "verbosity" in fv else 0)
     try:
         out = export(fv.workdir, fv.out, fv.format, fv.step, fv.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -271,17 +271,29 @@ def test_cli_exports_the_merged_pipeline(run, tmp_path):
         assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6, part
 
 
-def test_cli_refuses_a_non_empty_folder_and_overwrites_on_request(run, tmp_path):
+def test_cli_refuses_a_non_empty_folder_and_overwrites_only_an_export(run, tmp_path):
     workdir = run[0]
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(SystemExit, match=f"{re.escape(str(out))}.*overwrite"):
         _cli(f"--workdir={workdir}", f"--out={out}", "--format=lora")
+    with pytest.raises(SystemExit, match=f"{re.escape(str(out))} is not a folder that dag_jax"):
+        _cli(f"--workdir={workdir}", f"--out={out}", "--format=lora", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
+    out = tmp_path / "export"
+    _cli(f"--workdir={workdir}", f"--out={out}", "--format=pipeline")
     _cli(f"--workdir={workdir}", f"--out={out}", "--format=lora", "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == [export.LORA_WEIGHT_NAME]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]
+    assert sorted(p.name for p in out.iterdir()) == [export.EXPORT_MARKER, export.LORA_WEIGHT_NAME]
+    marker = json.loads((out / export.EXPORT_MARKER).read_text())
+    assert marker == {
+        "written_by": "dag_jax.export",
+        "format": "lora",
+        "workdir": str(workdir),
+        "step": 1,
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".taken", ".export"))]
 
 
 def test_cli_names_a_bad_step_a_missing_workdir_and_missing_checkpoints(run, tmp_path):

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-import urllib.error
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -66,7 +67,7 @@ import numpy as np
 
 from dag_jax import configs
 from dag_jax.train import loop
-from dag_jax.train.workdir import WorkdirError
+from dag_jax.train.workdir import WorkdirAccessError
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 args = json.loads(sys.argv[1])
@@ -78,7 +79,7 @@ if args.get("unwritable"):
     with mock.patch.object(loop, "load_model", side_effect=AssertionError("the model loaded")):
         try:
             loop.train_and_evaluate(cfg, args["unwritable"])
-        except WorkdirError as e:
+        except WorkdirAccessError as e:
             out["unwritable"] = str(e)
 state = loop.train_and_evaluate(cfg, args["workdir"])
 out["epoch"] = int(state.epoch)
@@ -103,21 +104,50 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 @pytest.fixture(scope="module")
-def emulator():
-    """Start fake-gcs-server on 127.0.0.1 with one bucket; stop it after the module."""
-    server = fake_gcs.FakeGCSServer(host="127.0.0.1")
-    server.start()  # it also sets STORAGE_EMULATOR_HOST here; stop() removes it again
+def emulator(tmp_path_factory):
+    """Start fake-gcs-server on 127.0.0.1 (in memory) with one bucket; stop it after the module.
+
+    The wrapper's own ``FakeGCSServer`` pipes the server's log to a pipe nobody reads, which
+    fills up and stalls the server mid-run; here the log goes to a file.
+    """
+    binary = fake_gcs._server._get_binary_path()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+    with open(log, "wb") as stderr:
+        server = subprocess.Popen(
+            [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+            + ["-port", str(port), "-external-url", url, "-log-level", "warn"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "fake-gcs-server did not start"
+                time.sleep(0.1)
         request = urllib.request.Request(
-            f"{server.url}/storage/v1/b",
+            f"{url}/storage/v1/b",
             data=json.dumps({"name": BUCKET}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         urllib.request.urlopen(request, timeout=10).close()
-        yield server.url
+        yield url
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -268,6 +298,6 @@ def test_a_gs_workdir_without_gcsfs_names_the_extra(monkeypatch):
         "find_spec",
         lambda name, *a: None if name in ("gcsfs", "tensorflow") else real(name, *a),
     )
-    with pytest.raises(workdir_lib.WorkdirError, match=r"pip install 'dag_jax\[gcs\]'"):
+    with pytest.raises(workdir_lib.WorkdirAccessError, match=r"pip install 'dag_jax\[gcs\]'"):
         workdir_lib.workdir_path("gs://bucket/run")
     assert workdir_lib.workdir_path("runs/local") == workdir_lib.epath.Path("runs/local")

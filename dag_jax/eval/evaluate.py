@@ -67,7 +67,7 @@ from etils import epath
 from dag_jax import rewards
 from dag_jax.eval import diversity
 from dag_jax.eval.features import FeatureExtractor, default_feature_model, load_feature_extractor
-from dag_jax.infra import cpu_tuning
+from dag_jax.infra import console, cpu_tuning
 from dag_jax.infra.metrics import image_grid, to_json_number
 from dag_jax.rewards.base import scorer
 from dag_jax.train.config import ConfigError, objective_of
@@ -554,7 +554,7 @@ def main(argv) -> None:
     from absl import flags
 
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.configure(flags.FLAGS.verbosity)
     f = flags.FLAGS
     cpu_tuning.apply_if_requested(f.cpu_tuning)
     try:

@@ -40,6 +40,13 @@ RewardError. Status 5xx is retried ``retries`` times with exponential backoff (D
 status 500 up to 1000 times). Images are sent in batches of ``batch_size`` (DDPO: 16), one
 request each.
 
+Each request is bounded: ``timeout`` is one deadline for all of it (connecting, sending, the
+status line, headers and body), however slowly the server trickles bytes, and the response is
+read in pieces and abandoned past ``max_response_bytes`` (or at once when its Content-Length
+says so). Every failure is a RewardError naming the URL and what went wrong: unreachable
+(refused, no route, connect timeout), no complete answer before the deadline, too large, not
+JSON, or JSON of the wrong shape.
+
 Defaults follow DDPO: port 8085, JPEG quality 80 for the transfer, the query and template above.
 """
 
@@ -51,6 +58,7 @@ import io
 import json
 import math
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -63,6 +71,8 @@ from dag_jax.rewards.base import Reward, RewardError, host_reward
 DEFAULT_URL = "http://127.0.0.1:8085"
 DEFAULT_QUERY = "Answer concisely: what is going on in this image?"
 DEFAULT_TEMPLATE = "The image contains {prompt}"
+MAX_RESPONSE_BYTES = 16 * 2**20  # an answer is ~100 bytes per image; 16 MiB is far above it
+READ_CHUNK = 64 * 1024
 
 
 def bertscore(
@@ -75,13 +85,16 @@ def bertscore(
     jpeg_quality: int = 80,
     retries: int = 3,
     check: bool = True,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> Reward:
     """Return the LLaVA + BERTScore-recall reward, a client of the JSON server described above.
 
-    ``timeout`` bounds each read of a response (LLaVA inference is slow: DDPO uses 120 s);
-    ``connect_timeout`` bounds opening the connection, so a server that is not there fails fast
-    with a RewardError naming ``url``. ``check`` opens (and closes) one connection now, at
-    construction, so a missing server is reported before any sampling is done.
+    ``timeout`` is the deadline of each request as a whole, from connecting to the last byte
+    of the answer (LLaVA inference is slow: DDPO uses 120 s); ``connect_timeout`` bounds
+    opening the connection, so a server that is not there fails fast with a RewardError naming
+    ``url``. An answer longer than ``max_response_bytes`` is a RewardError, read no further.
+    ``check`` opens (and closes) one connection now, at construction, so a missing server is
+    reported before any sampling is done.
     """
     target = parse_url(url)
     if "{prompt}" not in template:
@@ -94,6 +107,11 @@ def bertscore(
         raise RewardError(f"bertscore batch_size must be >= 1, got {batch_size}")
     if not 1 <= jpeg_quality <= 100:
         raise RewardError(f"bertscore jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise RewardError(f"bertscore {name} must be a finite number > 0 (s), got {value!r}")
+    if not (isinstance(max_response_bytes, int) and max_response_bytes >= 1):
+        raise RewardError(f"bertscore max_response_bytes must be >= 1, got {max_response_bytes!r}")
     if check:
         check_server(url, connect_timeout)
 
@@ -107,7 +125,9 @@ def bertscore(
                 query=query,
                 jpeg_quality=jpeg_quality,
             )
-            answer = post_json(target, payload, timeout, connect_timeout, retries)
+            answer = post_json(
+                target, payload, timeout, connect_timeout, retries, max_response_bytes
+            )
             scores.append(parse_recall(answer, len(payload["images"]), url))
         return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
 
@@ -120,6 +140,7 @@ def bertscore(
         batch_size=batch_size,
         jpeg_quality=jpeg_quality,
         retries=retries,
+        max_response_bytes=max_response_bytes,
     )
     return host_reward("bertscore", fn, config)
 
@@ -179,16 +200,19 @@ def post_json(
     timeout: float,
     connect_timeout: float,
     retries: int = 0,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> object:
     """POST ``payload`` as JSON to ``target`` (from ``parse_url``) and return the decoded answer.
 
-    Connection failures raise RewardError at once; status 5xx is retried ``retries`` times
-    (backoff 1, 2, 4, ... s); other statuses and bodies that are not JSON raise RewardError.
+    Each attempt must complete within ``timeout`` seconds and answer at most
+    ``max_response_bytes``. Connection failures, the deadline and too large an answer raise
+    RewardError at once; status 5xx is retried ``retries`` times (backoff 1, 2, 4, ... s);
+    other statuses and bodies that are not JSON raise RewardError.
     """
     body = json.dumps(payload).encode("utf-8")
     url = _url_of(target)
     for attempt in range(retries + 1):
-        status, data = _post_once(target, body, timeout, connect_timeout)
+        status, data = _post_once(target, body, timeout, connect_timeout, max_response_bytes)
         if status == 200:
             try:
                 return json.loads(data.decode("utf-8"))
@@ -230,30 +254,91 @@ def parse_recall(answer: object, n: int, url: str = "") -> np.ndarray:
 
 
 def _post_once(
-    target: tuple[str, str, int, str], body: bytes, timeout: float, connect_timeout: float
+    target: tuple[str, str, int, str],
+    body: bytes,
+    timeout: float,
+    connect_timeout: float,
+    max_bytes: int = MAX_RESPONSE_BYTES,
 ) -> tuple[int, bytes]:
-    """Send one POST; return (status, body). Connection problems raise RewardError."""
+    """Send one POST within ``timeout`` s in all; return (status, body of <= ``max_bytes``).
+
+    Every socket operation waits at most for the time left, and a timer shuts the socket down
+    at the deadline, so a server that sends a byte now and then (each read alone would be in
+    time) cannot stretch the request. Any failure raises RewardError.
+    """
     scheme, host, port, path = target
     url = _url_of(target)
+    deadline = time.monotonic() + timeout
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-    conn = cls(host, port, timeout=connect_timeout)
+    conn = cls(host, port, timeout=min(connect_timeout, timeout))
+    expired = threading.Event()
+    timer = None
     try:
         try:
             conn.connect()
         except OSError as e:
             raise RewardError(_unreachable(url, e)) from e
-        conn.sock.settimeout(timeout)
+        sock = conn.sock  # kept: http.client drops conn.sock when the response closes
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            return remaining
+
+        def expire() -> None:
+            expired.set()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read or write
+            except OSError:
+                pass
+
+        timer = threading.Timer(max(deadline - time.monotonic(), 0.0), expire)
+        timer.daemon = True
+        timer.start()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         try:
+            sock.settimeout(left())
             conn.request("POST", path, body=body, headers=headers)
+            sock.settimeout(left())
             response = conn.getresponse()
-            return response.status, response.read()
-        except TimeoutError as e:
-            raise RewardError(f"bertscore server at {url} did not answer within {timeout} s") from e
+            declared = response.getheader("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+                raise RewardError(_too_large(url, max_bytes, f"it declares {int(declared)} bytes"))
+            chunks, size = [], 0
+            while True:
+                sock.settimeout(left())
+                chunk = response.read1(min(READ_CHUNK, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RewardError(_too_large(url, max_bytes, "stopped reading there"))
+            if expired.is_set():  # the shutdown may look like the end of a close-framed body
+                raise TimeoutError
+            if response.length:  # read1 answers b"" when the server hangs up before the end
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
+            return response.status, b"".join(chunks)
         except (OSError, http.client.HTTPException) as e:
+            if expired.is_set() or isinstance(e, TimeoutError) or time.monotonic() >= deadline:
+                raise RewardError(
+                    f"bertscore server at {url} did not answer completely within the request's "
+                    f"deadline of {timeout} s (timeout=...)"
+                ) from e
             raise RewardError(f"bertscore request to {url} failed: {e!r}") from e
     finally:
+        if timer is not None:
+            timer.cancel()
         conn.close()
+
+
+def _too_large(url: str, max_bytes: int, detail: str) -> str:
+    """Return the message for an answer longer than ``max_bytes``."""
+    return (
+        f"bertscore server at {url} answered more than max_response_bytes={max_bytes} bytes "
+        f"({detail}); an answer is about 100 bytes per image"
+    )
 
 
 def _unreachable(url: str, error: Exception) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import jax
+
 from dag_jax import configs, rewards
-from dag_jax.infra import cpu_tuning
+from dag_jax.infra import console, cpu_tuning
+from dag_jax.infra.metrics import read_metrics
 from dag_jax.train.config import ConfigError
 from dag_jax.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 from dag_jax.train.update import NonFiniteLoss
@@ -33,16 +36,38 @@ def main(argv) -> None:
     from absl import flags
 
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.configure(flags.FLAGS.verbosity)
     cpu_tuning.apply_if_requested(flags.FLAGS.cpu_tuning)
     try:
         cfg = configs.from_flag(flags.FLAGS["config"])  # --config.algo=X: X's release settings
-        train_and_evaluate(cfg, flags.FLAGS.workdir)
+        state = train_and_evaluate(cfg, flags.FLAGS.workdir)
     except Preempted as err:
         print(f"stopped: {err}", flush=True)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (ConfigError, rewards.RewardError, NonFiniteLoss, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
+    if jax.process_index() == 0:
+        print(summary(flags.FLAGS.workdir, state.epoch), flush=True)
+
+
+def summary(workdir: str, epochs: int) -> str:
+    """Return the lines a finished run ends with: what it did and what to run next."""
+    rows = read_metrics(workdir)
+    lines = [f"done: {epochs} epochs in {workdir}"]
+    if rows:
+        first, last = rows[0], rows[-1]
+        lines.append(
+            f"  training reward {first['reward_mean']:.4g} (epoch {first['epoch']}) -> "
+            f"{last['reward_mean']:.4g} (epoch {last['epoch']}), "
+            f"{last['trajectories_seen']} trajectories"
+        )
+    lines += [
+        "next:",
+        f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained",
+        f"  python -m dag_jax.export --workdir={workdir} --out=export/run --format=pipeline",
+        f"  tensorboard --logdir={workdir}",
+    ]
+    return "\n".join(lines)
 
 
 def cli() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         if not Path(model).expanduser().exists():
             raise ConfigError(f"config.model: no such folder {model!r}")
     c = config
+    check_ranges(c)
     _divides("sample.chunk", c.sample.chunk, "the device count", num_devices)
     _divides("train.micro_batch", c.train.micro_batch, "the device count", num_devices)
     if c.algo == "b2":
@@ -122,6 +125,110 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             _divides("sample.trajectories", c.sample.trajectories, "dag.baseline_group", g)
     if c.train.epochs < 1:
         raise ConfigError("train.epochs must be >= 1")
+
+
+# Sizes every run uses, and those only one kind of run reads: each must be an integer >= 1.
+SIZES = (
+    "sample.steps",
+    "sample.chunk",
+    "train.epochs",
+    "train.trajectories_per_step",
+    "train.micro_batch",
+    "train.max_nonfinite",
+    "lora.rank",
+    "checkpoint.every_epochs",
+    "checkpoint.max_to_keep",
+)
+SAMPLER_SIZES = ("sample.trajectories",)  # every algo but B² (its sizes are b2.*)
+B2_SIZES = ("b2.prefixes", "b2.branches", "b2.stages", "b2.passes")
+LEARNING_RATES = ("train.learning_rate", "train.flow_learning_rate")
+GRID_SIZES = ("log.grid_prompts", "log.grid_seeds")
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the key, its value and the allowed range of a value out of it.
+
+    Runs before the divisibility checks, so that a size of 0 or -4 is reported as out of
+    range rather than as "not divisible by ...".
+    """
+    sizes = SIZES + (B2_SIZES if c.algo == "b2" else SAMPLER_SIZES)
+    for key in sizes:
+        _in_range(key, _get(c, key), 1)
+    for key in LEARNING_RATES:
+        value = _get(c, key)
+        ok = _is_number(value) and math.isfinite(value) and value > 0
+        if not ok:
+            raise ConfigError(
+                f"config {key}={value!r} is out of range: it must be a finite number > 0"
+            )
+    _in_range("log.grid_every_epochs", c.log.grid_every_epochs, 0, "(0: no sample grids)")
+    for key in GRID_SIZES:  # a grid of 0 prompts or seeds is only fine when there is none
+        if c.log.grid_every_epochs > 0:
+            _in_range(key, _get(c, key), 1, "while log.grid_every_epochs > 0")
+        else:
+            _in_range(key, _get(c, key), 0)
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _in_range(key: str, value: Any, low: int, why: str = "") -> None:
+    """Raise ConfigError unless ``value`` is an integer >= ``low``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ConfigError(
+            f"config {key}={value!r} is out of range: it must be an integer >= {low}"
+            + (f" {why}" if why else "")
+        )
+
+
+# --------------------------------------------------------------------------- the workdir
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """Raise ConfigError if ``workdir`` cannot be a run folder, naming it and why.
+
+    A local path must be a folder or not exist yet, and its nearest existing ancestor must be
+    a folder (``runs/a_file/run`` cannot be created). A URL (``gs://bucket/run``) is only
+    checked for its form here: a scheme, ``://`` and a bucket; whether it can be written is
+    ``train.workdir.check_writable``'s job. ``gs:/bucket/run`` (a URL that went through
+    ``pathlib.Path``) is named as such.
+    """
+    text = os.fspath(workdir)
+    if not text.strip():
+        raise ConfigError("the workdir is empty; pass --workdir=FOLDER (or gs://bucket/run)")
+    head, sep, rest = text.partition("://")
+    if sep:
+        if not head.isalnum():
+            raise ConfigError(f"the workdir {text!r} is not a URL of the form scheme://bucket/path")
+        if not rest.split("/", 1)[0]:
+            raise ConfigError(f"the workdir URL {text!r} names no bucket: use {head}://bucket/path")
+        return
+    if text.startswith(("gs:/", "s3:/")):
+        raise ConfigError(
+            f"the workdir {text!r} looks like a URL that lost a slash (pathlib.Path does that); "
+            f"pass it as a string: {text.replace(':/', '://', 1)}"
+        )
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"the workdir {text} is an existing file, not a folder; pass a folder (new or an "
+            "earlier run's) as --workdir"
+        )
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"the workdir {text} cannot be created: {parent} is a file, not a folder"
+                )
+            break
 
 
 def _looks_like_hub_id(model: str) -> bool:

@@ -40,7 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 GCS_INSTALL_HINT = "pip install 'dag_jax[gcs]'"
 
 
-class WorkdirError(ConfigError):
+class WorkdirAccessError(ConfigError):
     """The workdir cannot be used: its filesystem is not installed, or it cannot be written."""
 
 
@@ -54,14 +54,14 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """Return ``workdir`` as an ``epath.Path``: a local folder or a URL such as ``gs://b/run``.
 
     Pass URLs as strings (``pathlib.Path("gs://b/x")`` has already become ``gs:/b/x``).
-    Raises WorkdirError naming ``pip install 'dag_jax[gcs]'`` for a ``gs://`` workdir when
+    Raises WorkdirAccessError naming ``pip install 'dag_jax[gcs]'`` for a ``gs://`` workdir when
     neither ``gcsfs`` (what ``etils.epath`` uses for ``gs://`` without TensorFlow) nor
     TensorFlow is installed.
     """
     if url_scheme(workdir) == "gs" and not any(
         importlib.util.find_spec(m) is not None for m in ("gcsfs", "tensorflow")
     ):
-        raise WorkdirError(
+        raise WorkdirAccessError(
             f"the workdir {os.fspath(workdir)} is on Google Cloud Storage, which needs gcsfs: "
             f"{GCS_INSTALL_HINT}"
         )
@@ -74,7 +74,7 @@ def check_writable(workdir: str | os.PathLike, process_index: int | None = None)
     Writes and deletes ``.write_check.<process>`` (orbax writes array shards from every
     process, so each one checks). On an object store, creating a folder does nothing and a
     missing bucket or a lacking permission shows only on the first write: this is it, before
-    anything loads or compiles. Raises WorkdirError naming the workdir and the cause.
+    anything loads or compiles. Raises WorkdirAccessError naming the workdir and the cause.
     """
     path = workdir_path(workdir)
     index = jax.process_index() if process_index is None else process_index
@@ -89,7 +89,7 @@ def check_writable(workdir: str | os.PathLike, process_index: int | None = None)
             if url_scheme(path)
             else ""
         )
-        raise WorkdirError(
+        raise WorkdirAccessError(
             f"cannot write to the workdir {path} ({type(e).__name__}: {e}){hint}"
         ) from e
     return path

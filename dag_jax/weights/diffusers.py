@@ -287,6 +287,11 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        try:
+            default_permissions(self.tmp)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -294,3 +299,33 @@ class AtomicDir:
         os.replace(self.tmp, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """Return the process's umask (from /proc where it is shown, else by setting it back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(root: Path) -> None:
+    """Give ``root`` and everything below it the modes a plain ``open``/``mkdir`` would.
+
+    ``tempfile.mkdtemp`` makes the folder 0700, and some writers (safetensors writes a temp
+    file and renames it) leave files 0600: the written folder would be private to its owner
+    whatever the umask. Folders become 0777 and files 0666 (executable bits kept), less the
+    umask.
+    """
+    mask = current_umask()
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        wanted = 0o777 if path.is_dir() else 0o666 | (mode & 0o111)
+        os.chmod(path, wanted & ~mask)
