@@ -68,3 +68,19 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
     with guard.WorkdirLock(tmp_path):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert "stale lock" in caplog.text
+
+
+def test_the_train_loop_refuses_a_changed_config_and_a_busy_workdir(tmp_path):
+    from dag_jax import train
+
+    cfg = tiny(**{"model": "random-tiny", "resolution": 8})
+    guard.record_config(tmp_path, cfg)
+    before = (tmp_path / "config.json").read_text()
+    changed = tiny(**{"model": "random-tiny", "resolution": 8, "train.learning_rate": 1e-2})
+    with pytest.raises(guard.WorkdirError, match="train.learning_rate"):
+        train.train_and_evaluate(changed, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    with guard.WorkdirLock(tmp_path):
+        with pytest.raises(guard.WorkdirError, match="is in use by train"):
+            train.train_and_evaluate(cfg, str(tmp_path))

@@ -10,6 +10,7 @@ from dag_jax import configs, rewards
 from dag_jax.infra import console, cpu_tuning
 from dag_jax.infra.metrics import read_metrics
 from dag_jax.train.config import ConfigError
+from dag_jax.train.guard import WorkdirError
 from dag_jax.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 from dag_jax.train.update import NonFiniteLoss
 
@@ -27,6 +28,11 @@ def define_flags() -> None:
         "config", None, "experiment config file, e.g. configs/aesthetic.py:tiny", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, samples)")
+    flags.DEFINE_list(
+        "allow_config_change",
+        [],
+        "config keys a resumed run may change (kept in the run's config_history.jsonl)",
+    )
     flags.mark_flags_as_required(["config", "workdir"])
     cpu_tuning.define_flag()
 
@@ -40,11 +46,17 @@ def main(argv) -> None:
     cpu_tuning.apply_if_requested(flags.FLAGS.cpu_tuning)
     try:
         cfg = configs.from_flag(flags.FLAGS["config"])  # --config.algo=X: X's release settings
-        state = train_and_evaluate(cfg, flags.FLAGS.workdir)
+        state = train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS.allow_config_change)
     except Preempted as err:
         print(f"stopped: {err}", flush=True)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except (ConfigError, rewards.RewardError, NonFiniteLoss, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        WorkdirError,
+        rewards.RewardError,
+        NonFiniteLoss,
+        FileNotFoundError,
+    ) as err:
         raise SystemExit(f"error: {err}") from None
     if jax.process_index() == 0:
         print(summary(flags.FLAGS.workdir, state.epoch), flush=True)

@@ -27,10 +27,11 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from dag_jax.train.workdir import CONFIG_FILE, HISTORY_FILE
+
 log = logging.getLogger("dag_jax.train")
 
-CONFIG = "config.json"
-HISTORY = "config_history.jsonl"
+CONFIG, HISTORY = CONFIG_FILE, HISTORY_FILE
 LOCK = ".lock"
 # keys a resumed run may change: the run's length, logging, checkpoint cadence, and settings
 # that change how the same numbers are computed (mesh, chunk sizes, attention kernel, remat)

@@ -27,9 +27,11 @@ docs/workdir.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -39,14 +41,14 @@ from dag_jax.algos import dag
 from dag_jax.infra import parallel
 from dag_jax.infra.checkpoint import Checkpointer
 from dag_jax.infra.metrics import MetricsWriter, ProgressLine
-from dag_jax.train import objectives
+from dag_jax.train import guard, objectives
 from dag_jax.train.collect import Collected
-from dag_jax.train.config import validate
+from dag_jax.train.config import check_workdir, validate
 from dag_jax.train.phases import Context, build_phases
 from dag_jax.train.run import init_trainable, load_model, make_tx, put_batch
 from dag_jax.train.state import TrainState
 from dag_jax.train.update import train_epoch
-from dag_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE, check_writable
+from dag_jax.train.workdir import CHECKPOINT_DIR, check_writable
 
 log = logging.getLogger("dag_jax.train")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, the convention for "stopped by SIGTERM"
@@ -123,19 +125,32 @@ def run_epoch(ctx: Context, state: TrainState, key: jax.Array, stop) -> tuple:
     return state, epoch_scalars(state, data, updates, beta, time.time() - t0), finished
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: Sequence[str] = ()
+) -> TrainState:
     """Run (or resume) the training run of ``config`` in ``workdir``; return the final state.
 
-    Raises ``Preempted`` after SIGTERM, once the last complete epoch is checkpointed.
+    A workdir holds one run: resuming it with another config is refused unless the changed
+    keys are in ``allow_config_change`` (``guard``). Raises ``Preempted`` after SIGTERM,
+    once the last complete epoch is checkpointed.
     """
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.size)
+    check_workdir(workdir)
     # a local folder or a URL (gs://…), all through etils.epath; unwritable: an error right away
     workdir = check_writable(workdir)
+    lead = jax.process_index() == 0
+    with guard.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+        guard.check_config(workdir, config, tuple(allow_config_change))
+        return run(config, workdir, mesh)
+
+
+def run(config: ml_collections.ConfigDict, workdir, mesh) -> TrainState:
+    """Return the final state of the run in ``workdir`` (checked and locked by the caller)."""
+    model = load_model(config, mesh)  # the model, prompts and reward load before any write
     if jax.process_index() == 0:
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    model = load_model(config, mesh)
+        guard.record_config(workdir, config)
     key = jax.random.key(config.seed)
     # committed, replicated from the start: the arrays the jitted phases return look the same,
     # so epoch 2 reuses epoch 1's programs instead of compiling them again

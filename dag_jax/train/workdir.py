@@ -36,6 +36,7 @@ from dag_jax.train.run import Model, checkpoint_template, init_trainable, load_m
 log = logging.getLogger("dag_jax.train")
 
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"  # the configs a run was resumed with (train.guard)
 CHECKPOINT_DIR = "checkpoints"
 GCS_INSTALL_HINT = "pip install 'dag_jax[gcs]'"
 
@@ -114,13 +115,20 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """Return the run's config: ``workdir/config.json`` over ``default_config()``.
 
     Keys the run's file lacks (added to the project after the run) keep their defaults, so an
-    older run still rebuilds. Raises FileNotFoundError when there is no config.json.
+    older run still rebuilds. A run resumed with accepted config changes is read as it was last
+    resumed (the last line of ``config_history.jsonl``). Raises FileNotFoundError when there
+    is no config.json.
     """
     path = workdir_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
+    text = path.read_text(encoding="utf-8")
+    history = workdir_path(workdir) / HISTORY_FILE
+    if history.exists():
+        lines = [line for line in history.read_text(encoding="utf-8").splitlines() if line]
+        text = lines[-1] if lines else text
     config = default_config()
-    _merge(config, json.loads(path.read_text(encoding="utf-8")))
+    _merge(config, json.loads(text))
     return config
 
 
