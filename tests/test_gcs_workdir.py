@@ -241,6 +241,7 @@ def test_a_gs_workdir_trains_resumes_evaluates_and_exports(emulator, tmp_path):
     assert "checkpoints/1/commit_success.txt" in rel
     assert any(n.startswith("checkpoints/1/state/") for n in rel)
     assert not [n for n in rel if ".write_check" in n or n.endswith(".tmp")], rel
+    assert ".lock" not in rel  # the workdir lock was released
     assert len([n for n in rel if n.startswith("events.out.tfevents.")]) == 1
     metrics = download(emulator, prefix + "metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1]
@@ -261,6 +262,7 @@ def test_a_gs_workdir_trains_resumes_evaluates_and_exports(emulator, tmp_path):
     rel = [n.removeprefix(prefix) for n in objects(emulator, prefix)]
     assert {"checkpoints/1/commit_success.txt", "checkpoints/2/commit_success.txt"} <= set(rel)
     assert {"samples/grid_000001.png", "samples/grid_000002.png"} <= set(rel)
+    assert ".lock" not in rel and not [n for n in rel if ".write_check" in n]
     metrics = download(emulator, prefix + "metrics.jsonl").decode().splitlines()
     records = [json.loads(line) for line in metrics]
     assert [r["step"] for r in records] == [1, 2]  # epoch 2 only, after the resume

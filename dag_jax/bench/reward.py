@@ -8,27 +8,27 @@ Images/s of each reward of ``dag_jax.rewards`` on one batch of ``--batch`` unifo
 ``sd15-random``) with cycling prompts. JAX-native rewards (aesthetic, clipscore, hpsv2) run
 jitted, lowered and compiled once up front (``compile_s``, recorded apart): the same program as
 ``jax.jit(reward.bind(prompts))`` (quantise, token-table gather, score) except that the weights
-enter as arguments (``aesthetic.aesthetic_parts``, ``clipscore.similarity_parts``) rather than
-as closed-over constants, which JAX would embed in the program (GBs for the real towers; see
-``rewards/aesthetic.py``). Host rewards (JPEG, ImageReward, BERTScore) run eagerly, as
-``reward(images, prompts)``.
+enter as arguments (``aesthetic.aesthetic_parts``, ``clipscore.similarity_parts``,
+``imagereward.imagereward_parts``) rather than as closed-over constants, which JAX would embed in
+the program (GBs for the real towers; see ``rewards/aesthetic.py``). Host rewards (JPEG,
+BERTScore) run eagerly, as ``reward(images, prompts)``.
 
 Towers, all with random weights and built without any download or weight file:
 
 - ``--model=tiny``: the shapes of ``tests/test_reward_models.py`` (``TINY_CLIP``: a CLIP with a
   32 px, 2-layer, 48-wide vision tower and a 768-d projection, so the LAION-shaped head
   applies; ``TINY_OPEN_CLIP``: a 32 px OpenCLIP ViT with the full 49408-token vocabulary) and
-  of ``tests/test_rewards.py`` for ImageReward (written to a temporary folder, since its
-  factory reads files: checkpoint, ``med_config.json`` and a small BERT ``vocab.txt``).
+  the small ImageReward of ``tests/imagereward_torch.py`` (2-layer BLIP ViT at 32 px and BERT;
+  its BERT tokenizer reads a small ``vocab.txt`` written to a temporary folder).
 - ``--model=sd15-random`` (the name the sampler bench uses for real shapes with random
   weights): CLIP ViT-L/14 at 224 px (``VIT_L14_CLIP``, aesthetic), OpenCLIP ViT-H-14 at 224
   px (clipscore; hpsv2 shares the same random tower, having the same architecture) and
-  ImageReward-v1.0's BLIP ViT-L/16 + BERT-base (a ~1.8 GB temporary safetensors file; on CUDA
-  when torch sees a GPU).
+  ImageReward-v1.0's BLIP ViT-L/16 at 224 px + BERT-base with cross-attention + head (its
+  tokenizer reads a made-up 30522-token ``vocab.txt``).
 
 The JAX towers are Flax-default random inits (``module.init``) handed to the rewards' building
-blocks; the aesthetic head is a random init of its 768→…→1 stack. The compute dtype is
-``--dtype`` (params fp32).
+blocks; the aesthetic head is a random init of its 768→…→1 stack, ImageReward's head is part of
+its ``ImageRewardModel``. The compute dtype is ``--dtype`` (params fp32).
 The prompts are tokenized with OpenCLIP's BPE when the ``open_clip`` package is installed,
 else with made-up ids (the throughput does not depend on them).
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import tempfile
 import time
@@ -123,7 +122,8 @@ TINY_OPEN_CLIP = {
     "text_cfg": dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
 }
 FULL_OPEN_CLIP = "ViT-H-14"
-# ImageReward (BLIP ViT + BERT with cross-attention + MLP head) sizes.
+# ImageReward (BLIP ViT + BERT with cross-attention + MLP head) sizes; ``vocab`` None: a vocab.txt
+# of the prompts' words (the embedding gets its size + BLIP's 2 extra tokens).
 TINY_IMAGEREWARD = dict(
     vit_width=64,
     vit_layers=2,
@@ -134,8 +134,8 @@ TINY_IMAGEREWARD = dict(
     bert_heads=2,
     bert_intermediate=48,
     max_positions=40,
-    vocab=None,  # a small vocab.txt of a few words, as tests/test_rewards.py
-    head=(32, 24, 16, 8, 4, 1),
+    vocab=None,
+    head=(24, 16, 8, 4, 1),
 )
 FULL_IMAGEREWARD = dict(  # ImageReward-v1.0: BLIP ViT-L/16 at 224 px + bert-base
     vit_width=1024,
@@ -148,7 +148,7 @@ FULL_IMAGEREWARD = dict(  # ImageReward-v1.0: BLIP ViT-L/16 at 224 px + bert-bas
     bert_intermediate=3072,
     max_positions=512,
     vocab=30522,
-    head=(768, 1024, 128, 64, 16, 1),
+    head=(1024, 128, 64, 16, 1),
 )
 
 
@@ -222,77 +222,43 @@ def clip_tokenizer(vocab: int):
     return synthetic_tokenizer(vocab=vocab)
 
 
-# --------------------------------------------------------------------------- ImageReward files
+# --------------------------------------------------------------------------- ImageReward
 
 
-def write_imagereward(folder: Path, sizes: dict, seed: int) -> dict:
-    """Write a random ImageReward checkpoint (original keys), med_config and vocab; return paths.
-
-    The state dict has ImageReward-v1.0's layout (``blip.visual_encoder.*``,
-    ``blip.text_encoder.*``, ``mlp.layers.*``) at the given sizes, as safetensors.
-    """
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_rows = _write_vocab(folder / "tok", sizes["vocab"]) + 2  # + [DEC], [ENC]
-    rng = np.random.default_rng(seed)
-    state: dict[str, np.ndarray] = {}
-
-    def linear(name: str, out_f: int, in_f: int) -> None:
-        state[name + ".weight"] = (0.02 * rng.standard_normal((out_f, in_f))).astype(np.float32)
-        state[name + ".bias"] = np.zeros(out_f, np.float32)
-
-    def norm(name: str, width: int) -> None:
-        state[name + ".weight"] = np.ones(width, np.float32)
-        state[name + ".bias"] = np.zeros(width, np.float32)
-
-    d, p, s = sizes["vit_width"], sizes["patch_size"], sizes["image_size"]
-    v = "blip.visual_encoder."
-    state[v + "cls_token"] = (0.02 * rng.standard_normal((1, 1, d))).astype(np.float32)
-    n_pos = (s // p) ** 2 + 1
-    state[v + "pos_embed"] = (0.02 * rng.standard_normal((1, n_pos, d))).astype(np.float32)
-    state[v + "patch_embed.proj.weight"] = (0.02 * rng.standard_normal((d, 3, p, p))).astype(
-        np.float32
+def random_imagereward(sizes: dict, vocab_rows: int, dtype: str, seed: int):
+    """Return (Linen ImageRewardModel, random params on device) of the given sizes."""
+    from dag_jax.models.blip import (
+        VIT_HEAD_DIM,
+        BlipTextConfig,
+        BlipVisionConfig,
+        ImageRewardConfig,
+        ImageRewardModel,
     )
-    state[v + "patch_embed.proj.bias"] = np.zeros(d, np.float32)
-    for i in range(sizes["vit_layers"]):
-        b = f"{v}blocks.{i}."
-        norm(b + "norm1", d)
-        linear(b + "attn.qkv", 3 * d, d)
-        linear(b + "attn.proj", d, d)
-        norm(b + "norm2", d)
-        linear(b + "mlp.fc1", 4 * d, d)
-        linear(b + "mlp.fc2", d, 4 * d)
-    norm(v + "norm", d)
-    h, inter = sizes["bert_width"], sizes["bert_intermediate"]
-    t = "blip.text_encoder."
-    emb = (0.02 * rng.standard_normal((vocab_rows, h))).astype(np.float32)
-    state[t + "embeddings.word_embeddings.weight"] = emb
-    pos = (0.02 * rng.standard_normal((sizes["max_positions"], h))).astype(np.float32)
-    state[t + "embeddings.position_embeddings.weight"] = pos
-    norm(t + "embeddings.LayerNorm", h)
-    for i in range(sizes["bert_layers"]):
-        b = f"{t}encoder.layer.{i}."
-        for att, kv_width in (("attention", h), ("crossattention", d)):
-            linear(f"{b}{att}.self.query", h, h)
-            linear(f"{b}{att}.self.key", h, kv_width)
-            linear(f"{b}{att}.self.value", h, kv_width)
-            linear(f"{b}{att}.output.dense", h, h)
-            norm(f"{b}{att}.output.LayerNorm", h)
-        linear(b + "intermediate.dense", inter, h)
-        linear(b + "output.dense", h, inter)
-        norm(b + "output.LayerNorm", h)
-    widths = sizes["head"]
-    for idx, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:])):
-        linear(f"mlp.layers.{idx}", fan_out, fan_in)
-    save_file(state, str(folder / "ImageReward.safetensors"))
-    med = {"num_attention_heads": sizes["bert_heads"], "layer_norm_eps": 1e-12}
-    (folder / "med_config.json").write_text(json.dumps({**med, "hidden_act": "gelu"}))
-    return {
-        "checkpoint": folder / "ImageReward.safetensors",
-        "med_config": folder / "med_config.json",
-        "tokenizer": folder / "tok",
-    }
+
+    width = sizes["vit_width"]
+    vision = BlipVisionConfig(
+        hidden_size=width,
+        num_hidden_layers=sizes["vit_layers"],
+        num_attention_heads=max(width // VIT_HEAD_DIM, 1),
+        intermediate_size=4 * width,
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"],
+    )
+    text = BlipTextConfig(
+        vocab_size=vocab_rows,
+        hidden_size=sizes["bert_width"],
+        num_hidden_layers=sizes["bert_layers"],
+        num_attention_heads=sizes["bert_heads"],
+        intermediate_size=sizes["bert_intermediate"],
+        max_position_embeddings=sizes["max_positions"],
+        encoder_width=width,
+    )
+    module = ImageRewardModel(ImageRewardConfig(vision, text, tuple(sizes["head"])), dtype)
+    size = vision.image_size
+    pixels = jnp.zeros((1, size, size, 3), jnp.float32)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = jax.jit(module.init)(jax.random.key(seed), pixels, ids, ids)["params"]
+    return module, params
 
 
 def _write_vocab(folder: Path, size: int | None) -> int:
@@ -354,21 +320,18 @@ def build_reward(
         fn, weights, tokenize = similarity_parts(name, module, params, tok, "pil")
         return JaxScorer(fn, weights, tokenize, config)
     if name == "imagereward":
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            print(f"[bench] skipping imagereward: {', '.join(missing)} not installed")
+        if importlib.util.find_spec("transformers") is None:
+            print("[bench] skipping imagereward: transformers (its BERT tokenizer) not installed")
             return None
-        import torch
+        from dag_jax.rewards.imagereward import imagereward_parts, load_tokenizer
 
         sizes = FULL_IMAGEREWARD if full else TINY_IMAGEREWARD
-        files = write_imagereward(tmp / "imagereward", sizes, settings.seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return rewards.get(
-            "imagereward",
-            **{k: str(v) for k, v in files.items()},
-            device=device,
-            batch_size=max(settings.batch, 1),
-        )
+        folder = tmp / "imagereward_tok"
+        rows = _write_vocab(folder, sizes["vocab"]) + 2  # + BLIP's [DEC], [ENC]
+        module, params = random_imagereward(sizes, rows, dtype, settings.seed + 2)
+        fn, weights, tokenize = imagereward_parts(module, params, load_tokenizer(folder), "pil")
+        what = "BLIP ViT-L/16 + BERT-base" if full else "tiny BLIP ViT + BERT"
+        return JaxScorer(fn, weights, tokenize, {"towers": f"random {what}"})
     if name == "bertscore":
         url = os.environ.get(BERTSCORE_URL_ENV)
         if not url:
