@@ -1,4 +1,4 @@
-"""Rewards: registry, base, JPEG sizes, the BERTScore client, ImageReward (tiny, offline)."""
+"""Rewards: registry, base, JPEG sizes, the BERTScore client (ImageReward: test_imagereward.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import socket
-import sys
 import threading
 
 import jax
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 import dag_jax.rewards as R
-from dag_jax.rewards import captioning, imagereward
+from dag_jax.rewards import captioning
 from dag_jax.rewards.base import RewardError, host_reward, jax_reward
 
 RNG = np.random.default_rng(0)
@@ -280,201 +279,3 @@ def test_bertscore_rejects_bad_options():
         R.get("bertscore", template="The image contains", check=False)
     with pytest.raises(RewardError, match="batch_size"):
         R.get("bertscore", batch_size=0, check=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# ImageReward: error paths, and the full model at tiny sizes against transformers' BLIP oracle
-
-TINY_WORDS = "a an the of on cat dog red blue riding bike photo green car".split()
-
-
-def _tiny_vocab(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *TINY_WORDS,
-        *"abcdefghijklmnopqrstuvwxyz",
-    ]
-    tokens = list(dict.fromkeys(tokens))
-    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
-    return folder, len(tokens)
-
-
-def _tiny_imagereward(tmp_path):
-    """Write a tiny ImageReward checkpoint (original key layout) and return it with its oracle."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from transformers import BlipTextConfig, BlipVisionConfig
-    from transformers.models.blip.modeling_blip import BlipVisionModel
-    from transformers.models.blip.modeling_blip_text import BlipTextModel
-
-    tok_dir, n_vocab = _tiny_vocab(tmp_path / "tok")
-    torch.manual_seed(0)
-    vision = BlipVisionModel(
-        BlipVisionConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=1,  # head size 64, as BLIP's ViTs
-            image_size=32,
-            patch_size=16,
-            layer_norm_eps=1e-6,
-        )
-    ).eval()
-    text = BlipTextModel(
-        BlipTextConfig(
-            vocab_size=n_vocab + 2,  # + [DEC], [ENC] as ImageReward
-            hidden_size=32,
-            encoder_hidden_size=64,
-            intermediate_size=48,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=40,
-            bos_token_id=None,
-            sep_token_id=None,
-        ),
-        add_pooling_layer=False,
-    ).eval()
-    head = torch.nn.Sequential(
-        torch.nn.Linear(32, 24),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(24, 16),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(16, 8),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(8, 4),
-        torch.nn.Linear(4, 1),
-    ).eval()
-    with torch.no_grad():
-        for module in (vision, text, head):
-            for p in module.parameters():
-                p.add_(0.2 * torch.randn_like(p))
-    names = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.position_embedding": "pos_embed",
-        "embeddings.patch_embedding": "patch_embed.proj",
-        "encoder.layers.": "blocks.",
-        "self_attn.qkv": "attn.qkv",
-        "self_attn.projection": "attn.proj",
-        "layer_norm1": "norm1",
-        "layer_norm2": "norm2",
-        "post_layernorm": "norm",
-    }
-    state = {}
-    for k, v in vision.state_dict().items():
-        for old, new in names.items():
-            k = k.replace(old, new)
-        state["blip.visual_encoder." + k] = v
-    state.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
-    state.update({"mlp.layers." + k: v for k, v in head.state_dict().items()})
-    state["blip.vision_proj.weight"] = torch.zeros(
-        8, 64
-    )  # unused by the score, as in the real file
-    path = tmp_path / "ImageReward.pt"
-    torch.save(state, path)
-    (tmp_path / "med_config.json").write_text(
-        json.dumps({"num_attention_heads": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"})
-    )
-
-    def oracle(images_u8, prompts):
-        from torchvision import transforms as T
-        from transformers import BertTokenizer
-
-        tf = T.Compose(
-            [
-                T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(32),
-                T.ToTensor(),
-                T.Normalize(imagereward.IMAGE_MEAN, imagereward.IMAGE_STD),
-            ]
-        )
-        pixels = torch.stack([tf(Image.fromarray(im)) for im in images_u8])
-        tok = BertTokenizer.from_pretrained(str(tok_dir))(
-            prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
-        )
-        with torch.no_grad():
-            image_embeds = vision(pixel_values=pixels).last_hidden_state
-            out = text(
-                input_ids=tok["input_ids"],
-                attention_mask=tok["attention_mask"],
-                encoder_hidden_states=image_embeds,
-                is_decoder=False,
-            ).last_hidden_state
-            raw = head(out[:, 0])[:, 0].numpy()
-        return raw, (raw - imagereward.MEAN) / imagereward.STD
-
-    return path, tok_dir, tmp_path / "med_config.json", oracle
-
-
-def test_imagereward_matches_a_blip_oracle_at_tiny_sizes(tmp_path):
-    path, tok_dir, med, oracle = _tiny_imagereward(tmp_path)
-    reward = R.get("imagereward", checkpoint=path, tokenizer=tok_dir, med_config=med, batch_size=2)
-    x = _images(3, 40, 56)  # not square, not 32: exercises resize + centre crop
-    prompts = ["a red cat riding a bike", "photo of a dog", "the " * 40]  # padding and truncation
-    raw, standardised = oracle(np.round(x * 255).astype(np.uint8), prompts)
-    scores = reward(x, prompts)
-    np.testing.assert_allclose(scores, standardised, rtol=1e-4, atol=1e-5)
-    bound = jax.jit(reward.bind(prompts))
-    np.testing.assert_allclose(bound(jnp.asarray(x), jnp.arange(3)), scores, rtol=1e-5, atol=1e-6)
-    raw_reward = R.get(
-        "imagereward",
-        checkpoint=path,
-        tokenizer=tok_dir / "vocab.txt",
-        med_config=med,
-        standardize=False,
-    )
-    np.testing.assert_allclose(raw_reward(x, prompts), raw, rtol=1e-4, atol=1e-5)
-    assert abs(float(np.std(raw))) > 1e-3  # the scores depend on the inputs
-
-
-def test_imagereward_missing_files_are_explained(tmp_path):
-    pytest.importorskip("torch")
-    with pytest.raises(RewardError, match=r"checkpoint .*nope\.pt not found.*THUDM/ImageReward"):
-        R.get("imagereward", checkpoint=tmp_path / "nope.pt")
-    path, tok_dir, med, _ = _tiny_imagereward(tmp_path)
-    with pytest.raises(RewardError, match="med_config .*missing.json not found"):
-        R.get(
-            "imagereward", checkpoint=path, tokenizer=tok_dir, med_config=tmp_path / "missing.json"
-        )
-    with pytest.raises(RewardError, match="tokenizer .*no_tok not found"):
-        R.get("imagereward", checkpoint=path, tokenizer=tmp_path / "no_tok")
-    small, _ = _tiny_vocab(tmp_path / "small")
-    (small / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
-    with pytest.raises(RewardError, match="tokenizer has 5 tokens"):
-        R.get("imagereward", checkpoint=path, tokenizer=small)
-
-
-def test_imagereward_checkpoint_without_the_weights_is_explained(tmp_path):
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "partial.pt"
-    torch.save(
-        {"mlp.layers.0.weight": torch.zeros(1, 4), "mlp.layers.0.bias": torch.zeros(1)}, path
-    )
-    with pytest.raises(RewardError, match=r"lacks \d+ weight\(s\): visual_encoder.cls_token"):
-        R.get("imagereward", checkpoint=path)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RewardError, match="could not read the ImageReward checkpoint"):
-        R.get("imagereward", checkpoint=tmp_path / "junk.pt")
-
-
-def test_imagereward_without_torch_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(RewardError, match="install torch"):
-        R.get("imagereward", checkpoint=tmp_path / "x.pt")
-
-
-def test_imagereward_offline_without_checkpoint_explains(monkeypatch):
-    pytest.importorskip("torch")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RewardError, match="ImageReward.pt .*THUDM/ImageReward.*checkpoint="):
-        R.get("imagereward")
-
-
-def test_standardisation_constants():
-    np.testing.assert_allclose(
-        imagereward.standardise(np.array([0.16717362830052426, 1.2005131])), [0.0, 1.0], atol=1e-6
-    )

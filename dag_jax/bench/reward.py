@@ -253,7 +253,8 @@ def random_imagereward(sizes: dict, vocab_rows: int, dtype: str, seed: int):
         max_position_embeddings=sizes["max_positions"],
         encoder_width=width,
     )
-    module = ImageRewardModel(ImageRewardConfig(vision, text, tuple(sizes["head"])), dtype)
+    config = ImageRewardConfig(vision, text, tuple(sizes["head"]))
+    module = ImageRewardModel(config, jnp.dtype(dtype))
     size = vision.image_size
     pixels = jnp.zeros((1, size, size, 3), jnp.float32)
     ids = jnp.zeros((1, 8), jnp.int32)

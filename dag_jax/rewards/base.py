@@ -141,10 +141,10 @@ class Reward:
             return jnp.asarray(scores)
         unique = sorted(set(prompts))
         idx = np.asarray([unique.index(p) for p in prompts], np.int32)
-        fn = self.bind(unique)
-        if self.jittable:
-            fn = jax.jit(fn)
-        return fn(jnp.asarray(images, jnp.float32), jnp.asarray(idx))
+        images, idx = jnp.asarray(images, jnp.float32), jnp.asarray(idx)
+        if self.jittable:  # the weights are an argument, not constants baked into the program
+            return jax.jit(self.bound_with_params(unique))(self.params, images, idx)
+        return self.bind(unique)(images, idx)
 
 
 def host_reward(name: str, fn: HostFn, config: dict | None = None) -> Reward:
