@@ -6,8 +6,10 @@
         --config.reward.options.tokenizer=/path/to/bert-base-uncased
     python -m dag_jax.train --config=configs/imagereward.py:tiny --workdir=/tmp/imagereward
 
-Reward: ImageReward-v1.0, standardised (SPEC §8), scored on the host in PyTorch (see
-dag_jax/rewards/imagereward.py). Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2.
+Reward: ImageReward-v1.0, standardised, a Linen model (BLIP ViT-L/16 + BERT with
+cross-attention + head) jitted on the accelerator beside the sampler (dag_jax/rewards/
+imagereward.py; weights from ImageReward.pt, read with torch.load(weights_only=True), or a
+safetensors copy, which needs no torch). Default objective DAG-DB; --config.algo=dag_kl|ddpo|b2.
 Expected time: ~4 h on a TPU v4-32 / 8×A100; :tiny (~1 min, CPU) uses the tiny world and
 ``tiny_clipscore``.
 """
