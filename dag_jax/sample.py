@@ -105,16 +105,26 @@ def save_images(images: np.ndarray, out_dir: Path, prefix: str = "") -> list[Pat
     return paths
 
 
-def write_grid(path: Path, images: list[np.ndarray], per_row: int, scale: int = 1) -> Path:
-    """Write one PNG of all images, one prompt per row, each pixel repeated ``scale``×."""
+def write_grid(
+    path: Path,
+    images: list[np.ndarray],
+    per_row: int,
+    scale: int = 1,
+    prompts: list[str] | None = None,
+) -> Path:
+    """Write one PNG of all images, one prompt per row, each pixel repeated ``scale``×.
+
+    ``prompts`` (one per row) caption the rows (``dag_jax.infra.captions``).
+    """
     from PIL import Image
 
-    from dag_jax.infra.metrics import image_grid
+    from dag_jax.infra.captions import captioned_grid
 
     array = np.concatenate(images)
     if scale > 1:
         array = array.repeat(scale, axis=1).repeat(scale, axis=2)
-    Image.fromarray(image_grid(array, rows=len(array) // per_row)).save(path)
+    rows = len(array) // per_row
+    Image.fromarray(captioned_grid(array, rows=rows, row_captions=prompts)).save(path)
     return path
 
 
@@ -166,7 +176,8 @@ def main(argv):
         all_images.append(imgs)
         print(f"[sample] {len(written)}/{len(prompts)} images, {time.time() - start:.1f}s")
     if FLAGS.grid_scale:
-        write_grid(out / "grid.png", all_images, FLAGS.num_images, FLAGS.grid_scale)
+        grid = out / "grid.png"
+        write_grid(grid, all_images, FLAGS.num_images, FLAGS.grid_scale, list(FLAGS.prompt))
     (out / "prompts.txt").write_text("\n".join(f"{p.name}\t{q}" for p, q in zip(written, prompts)))
     print(f"[sample] wrote {len(written)} PNGs to {out}")
 

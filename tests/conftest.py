@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,19 +45,46 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_on_sigterm(signum, frame):
-    """End the session on SIGTERM (a CI timeout): its subprocesses first, then the atexit
-    clean-up (the compile cache) through SystemExit."""
-    for pid in descendants(os.getpid()):
+def stop_descendants(pid: int, grace: float = 5.0) -> list[int]:
+    """Send SIGTERM to every process below ``pid``, SIGKILL to those still there after
+    ``grace`` seconds; return the pids signalled."""
+    pids = descendants(pid)
+    for child in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(child, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + grace
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if running(p)]
+    for child in left:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def running(pid: int) -> bool:
+    """Return whether ``pid`` runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_on_signal(signum, frame):
+    """End the session on SIGTERM (a CI timeout) or SIGHUP: its subprocesses first, then the
+    atexit clean-up (the compile cache) through SystemExit."""
+    stop_descendants(os.getpid())
     raise SystemExit(128 + signum)
 
 
 if Path("/proc").is_dir():
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGHUP, stop_on_signal)
 
 from dag_jax.infra import cpu_tuning  # noqa: E402
 from tests import tiny_world  # noqa: E402
@@ -89,6 +117,17 @@ def sd1(torch_sd1):
     import dag_jax
 
     return dag_jax.load_pipeline(torch_sd1[1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the subprocesses a test left running (a failed test's server, a leaked Popen), so
+    none outlives the session. Under pytest-xdist each worker stops its own; the controller's
+    children are the workers themselves, which end on their own."""
+    controller = not hasattr(session.config, "workerinput") and bool(
+        session.config.getoption("numprocesses", None)
+    )
+    if Path("/proc").is_dir() and not controller:
+        stop_descendants(os.getpid())
 
 
 def pytest_configure(config):

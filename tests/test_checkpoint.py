@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
@@ -15,7 +16,15 @@ import optax
 import pytest
 
 from dag_jax.algos.optim import GroupConfig, make_optimizer
-from dag_jax.infra.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointMismatchError
+from dag_jax.infra.checkpoint import (
+    COMMIT_MARKER,
+    DAMAGED_DIR,
+    Checkpointer,
+    CheckpointMismatchError,
+    NoUsableCheckpointError,
+    tree_digests,
+    verify_digests,
+)
 
 LOGGER = "dag_jax.infra.checkpoint"
 # orbax/tensorstore leave a callback on a closed event loop after a failed read of a damaged file
@@ -223,34 +232,123 @@ def test_restore_waits_for_an_async_save_and_sees_it(tmp_path):
 # ------------------------------------------------------------------------ damage and fallback
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Return {path relative to ``root``: bytes} of every file below ``root``."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _moved(directory: Path) -> dict[int, Path]:
+    """Return {epoch: folder} of the checkpoints moved into ``directory/damaged``."""
+    damaged = directory / DAMAGED_DIR
+    if not damaged.exists():
+        return {}
+    return {int(p.name.split("-")[0]): p for p in damaged.iterdir() if p.is_dir()}
+
+
 @pytest.mark.parametrize(
     "kind", ["truncate_arrays", "garble_arrays", "missing_json", "garbled_json", "missing_state"]
 )
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, kind):
+def test_a_damaged_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog, kind):
     _save(tmp_path, [1, 2, 3])
     _corrupt(tmp_path / "3", kind)
+    damaged = _files(tmp_path / "3")
     epoch, state, extra = _restore(tmp_path)
     assert epoch == 2 and extra["epoch"] == 2
     _assert_tree_equal(state, _state(2))
     warnings = _warnings(caplog)
     assert any(str(tmp_path / "3") in w and "unreadable" in w for w in warnings), warnings
+    # moved whole into damaged/, with a note saying why; not deleted
+    moved = _moved(tmp_path)
+    assert list(moved) == [3] and not (tmp_path / "3").exists()
+    assert _files(moved[3]) == damaged
+    note = json.loads(moved[3].with_name(moved[3].name + ".json").read_text())
+    assert note["epoch"] == 3 and note["reason"].startswith("unreadable")
+    assert any(str(moved[3]) in w for w in warnings), warnings
+    with Checkpointer(tmp_path) as ckpt:  # damaged/ is not a step to orbax
+        assert ckpt.all_epochs() == [1, 2]
 
 
-def test_all_checkpoints_damaged_returns_none_with_a_warning(tmp_path, caplog):
+def test_all_checkpoints_damaged_raises_naming_each_and_moves_nothing(tmp_path, caplog):
     _save(tmp_path, [1, 2])
     _corrupt(tmp_path / "1", "missing_json")
     _corrupt(tmp_path / "2", "truncate_arrays")
-    assert _restore(tmp_path) is None
+    (tmp_path / "3").mkdir()  # an incomplete step: skipped, listed, left in place too
+    (tmp_path / "3" / "state").mkdir()
+    before = _files(tmp_path)
+    with pytest.raises(NoUsableCheckpointError) as err:
+        _restore(tmp_path)
+    message = str(err.value)
+    assert f"no usable checkpoint in {tmp_path}" in message
+    assert "epoch 2: unreadable" in message and "epoch 1: unreadable" in message
+    assert message.index("epoch 2") < message.index("epoch 1")  # newest first
+    assert "Nothing was moved or deleted" in message
+    assert [s for s, _ in err.value.tried] == [2, 1]
+    assert _files(tmp_path) == before and not (tmp_path / DAMAGED_DIR).exists()
     warnings = _warnings(caplog)
     assert any(str(tmp_path / "1") in w for w in warnings)
     assert any(str(tmp_path / "2") in w for w in warnings)
-    assert any("No restorable checkpoint" in w for w in warnings)
-    with Checkpointer(tmp_path) as ckpt:  # the run starts over and replaces them
-        assert ckpt.restore(_template()) is None
-        assert ckpt.save(1, _state(7), _extra(7))
-        ckpt.wait_until_finished()
-        assert ckpt.all_epochs() == [1]
-        assert ckpt.restore(_template())[2]["epoch"] == 7
+    with Checkpointer(tmp_path, read_only=True) as ckpt:  # a named epoch: the same error
+        with pytest.raises(NoUsableCheckpointError, match="epoch 2: unreadable"):
+            ckpt.restore(_template(), epoch=2)
+
+
+def test_changed_array_values_are_caught_by_the_digests(tmp_path, caplog):
+    """Values that read back without an error but differ from those saved: a digest mismatch.
+
+    (The array files themselves are damaged in tests/test_faults.py; here the saved digests
+    are edited instead, which is the same to the check.)"""
+    _save(tmp_path, [1, 2])
+    digests_file = tmp_path / "2" / "digests" / "metadata"
+    digests = json.loads(digests_file.read_text())
+    name = "params/lora/unet/mid/a"
+    digests["arrays"][name]["crc32"] ^= 1
+    digests_file.write_text(json.dumps(digests))
+    epoch, state, _ = _restore(tmp_path)
+    assert epoch == 1
+    _assert_tree_equal(state, _state(1))
+    assert any("digest mismatch: 1 of" in w and name in w for w in _warnings(caplog))
+    assert list(_moved(tmp_path)) == [2]
+
+
+def test_digests_name_every_array_and_catch_a_changed_value():
+    state = _state(1)
+    digests = tree_digests(state)
+    assert digests["algorithm"] == "crc32"
+    arrays = digests["arrays"]
+    assert arrays["params/flow/dense/kernel"]["shape"] == [3, 3]
+    assert arrays["rng"]["dtype"] == "uint32" and arrays["step"]["shape"] == []
+    assert len(arrays) == len(jax.tree.leaves(state))
+    assert json.loads(json.dumps(digests)) == digests
+    assert verify_digests(state, digests) == ""
+    changed = jax.tree.map(lambda x: x, state)
+    changed["params"]["flow"]["dense"]["bias"] = (
+        state["params"]["flow"]["dense"]["bias"].at[1].add(1e-6)
+    )
+    assert (
+        verify_digests(changed, digests)
+        == f"1 of {len(arrays)} arrays differ: params/flow/dense/bias"
+    )
+    extra_leaf = {**state, "new": jnp.zeros(2)}
+    assert "new (no digest)" in verify_digests(extra_leaf, digests)
+
+
+def test_a_checkpoint_without_digests_restores_unverified_with_a_warning(tmp_path, caplog):
+    """Checkpoints saved before digests existed stay resumable."""
+    _save(tmp_path, [1])
+    shutil.rmtree(tmp_path / "1" / "digests")
+    epoch, state, _ = _restore(tmp_path)
+    assert epoch == 1
+    _assert_tree_equal(state, _state(1))
+    assert any("no array digests" in w and "unverified" in w for w in _warnings(caplog))
+    assert not (tmp_path / DAMAGED_DIR).exists()
+
+
+def test_a_read_only_checkpointer_falls_back_but_moves_nothing(tmp_path):
+    _save(tmp_path, [1, 2])
+    _corrupt(tmp_path / "2", "garbled_json")
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.restore(_template())[0] == 1
+    assert (tmp_path / "2").exists() and not (tmp_path / DAMAGED_DIR).exists()
 
 
 def test_a_leftover_temporary_directory_of_an_interrupted_save_is_ignored(tmp_path, caplog):
@@ -279,9 +377,10 @@ def test_a_step_directory_without_its_commit_marker_is_not_the_latest(tmp_path, 
         assert ckpt.latest_epoch() == 2 and ckpt.all_epochs() == [1, 2]
         assert ckpt.restore(_template())[0] == 2
     assert any(str(tmp_path / "3") in w and "incomplete" in w for w in _warnings(caplog))
+    assert list(_moved(tmp_path)) == [3]  # set aside like a damaged one, not deleted
 
 
-def test_saving_after_a_fallback_replaces_the_abandoned_checkpoints(tmp_path, caplog):
+def test_saving_after_a_fallback_keeps_the_damaged_checkpoints_aside(tmp_path, caplog):
     _save(tmp_path, [1, 2, 3, 4])
     _corrupt(tmp_path / "4", "truncate_arrays")
     _corrupt(tmp_path / "3", "missing_json")
@@ -295,7 +394,8 @@ def test_saving_after_a_fallback_replaces_the_abandoned_checkpoints(tmp_path, ca
         epoch, state, extra = ckpt.restore(_template())
     assert (epoch, extra) == (3, {"epoch": 3, "retry": True})
     _assert_tree_equal(state, new_state)
-    assert any("Deleting checkpoint" in w for w in _warnings(caplog))
+    assert sorted(_moved(tmp_path)) == [3, 4]
+    assert not any("Deleting" in w for w in _warnings(caplog))
 
 
 # ------------------------------------------------------------------------ misuse

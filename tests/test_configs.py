@@ -95,6 +95,25 @@ B2 = {
     "lora.rank": 4,
 }
 
+# GRPO has no release on SD1.5 DDIM: DanceGRPO's SD script (fastvideo/config_sd/dgx.py:hpsv2,
+# train_grpo_sd.py): 50 steps, η 1, guidance 5, 8 GPUs × 4 prompts × 16 = 512 sampled, groups
+# of 16 sharing x_T, 4 × 8 × 8 = 256 per update, 300 epochs, clip 1e-4, no KL; LoRA lr 3e-4.
+GRPO = {
+    "model": SD15,
+    "sample.steps": 50,
+    "sample.eta": 1.0,
+    "sample.guidance": 5.0,
+    "sample.trajectories": 512,
+    "train.trajectories_per_step": 256,
+    "train.epochs": 300,
+    "train.learning_rate": 3e-4,
+    "grpo.group": 16,
+    "grpo.share_noise": True,
+    "grpo.clip_range": 1e-4,
+    "grpo.adv_clip": 5.0,
+    "grpo.kl": 0.0,
+}
+
 
 def expected(algo: str, task: str) -> dict:
     """Return the release table's values for ``algo`` on ``task``."""
@@ -102,6 +121,8 @@ def expected(algo: str, task: str) -> dict:
         return DAG
     if algo == "b2":
         return B2
+    if algo == "grpo":
+        return GRPO
     sampled, per_update, epochs, buffer = DDPO_TASK.get(task, DDPO_TASK["aesthetic"])
     return {
         **DDPO,

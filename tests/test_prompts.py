@@ -532,3 +532,60 @@ def test_sampler_rejects_bad_arguments():
         P.sample(3, key, -1)
     with pytest.raises(P.PromptError, match="PRNG key"):
         P.sample(3, "seed", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds: names (parsing and config checks need no tensorflow_datasets; reading: test_tfds.py)
+
+
+@pytest.mark.parametrize(
+    "name, dataset, split, hub",
+    [
+        ("tfds:parti_prompts", "parti_prompts", "", ""),
+        ("tfds:coco_captions/2017:validation", "coco_captions/2017", "validation", ""),
+        ("tfds:my_set:train[:10%]", "my_set", "train[:10%]", ""),
+        ("tfds:huggingface:Owner/Parti-Prompts", "owner__parti_prompts", "", "Owner/Parti-Prompts"),
+        ("tfds:huggingface:a/b/full-set:test", "a__b/full_set", "test", "a/b"),
+    ],
+)
+def test_tfds_names_parse_into_dataset_config_and_split(name, dataset, split, hub):
+    from dag_jax.data import tfds as tfds_source
+
+    assert tfds_source.parse_name(name) == tfds_source.NameParts(dataset, split, hub)
+
+
+@pytest.mark.parametrize(
+    "name", ["tfds:", "tfds:a b", "tfds:a/b/c", "tfds:x:", "tfds:huggingface:solo", "parti"]
+)
+def test_bad_tfds_names_are_refused(name):
+    from dag_jax.data import tfds as tfds_source
+
+    with pytest.raises(P.PromptError, match="expected|empty split|not a TFDS"):
+        tfds_source.parse_name(name)
+
+
+def test_field_and_data_dir_are_for_tfds_names_only():
+    with pytest.raises(P.PromptError, match="only read by 'tfds:'"):
+        P.load("tiny_shapes", field="caption")
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ({"name": "tfds:parti_prompts"}, "prompts.field must name the text feature"),
+        ({"name": "tfds:a b", "field": "x"}, "config.prompts.name: prompt source"),
+        ({"name": "tfds:p", "field": "x", "root": "/x"}, "prompts.root is not read"),
+        ({"name": "tiny_shapes", "field": "caption"}, "prompts.field is only read for 'tfds:'"),
+        ({"name": "tiny_shapes", "data_dir": "/d"}, "prompts.data_dir is only read for 'tfds:'"),
+    ],
+)
+def test_config_checks_tfds_keys_before_anything_loads(prompts, message):
+    from dag_jax.configs import base
+    from dag_jax.train.config import ConfigError, check_prompts
+
+    cfg = base.get_config()
+    cfg.prompts.update(prompts)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_prompts(cfg)
+    cfg.prompts.update({"name": "tfds:parti_prompts", "field": "Prompt", "root": ""})
+    check_prompts(cfg)  # a well-formed tfds: source passes (nothing is read yet)

@@ -62,3 +62,21 @@ def test_sigterm_ends_the_session_its_subprocesses_and_its_compile_cache(tmp_pat
     time.sleep(1)
     assert not alive(child), "the session's subprocess outlived it"
     assert not cache.exists(), "the session's compile cache was left behind"
+
+
+def test_leftover_subprocesses_are_stopped_even_when_they_ignore_sigterm():
+    from tests.conftest import stop_descendants
+
+    script = "trap '' TERM; sleep 300 & echo $!; wait"
+    parent = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        assert child in stop_descendants(parent.pid, grace=0.5)
+        deadline = time.time() + 10
+        while alive(child) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        parent.kill()
+        parent.wait()

@@ -5,13 +5,16 @@
 
   sampler    rollout throughput and MFU, dag_jax vs an eager diffusers loop (``sampler``)
   reward     images/s of each reward of ``dag_jax.rewards`` (``reward``)
-  memory     per-device bytes of the sharded DAG-DB train step per fsdp size (``train_step``)
+  memory     per-device bytes of the sharded DAG-DB train step per fsdp size (``train_step``;
+             ``--trainable=unet``: full fine-tuning, params and AdamW state sharded)
   train      one optimizer step per algorithm, dag_jax vs a PyTorch reference (``train_step``)
   ops        the kernels of a tiny-model step alone, dag_jax vs PyTorch (``ops``)
   tinyworld  reward and diversity before and after demo training runs (``tinyworld``)
   toy2d      the 2-D proof: sampling ∝ R or collapse on the best mode (``probes.toy2d``)
   ascent     is DDPO's gradient an ascent direction in the tiny world (``probes.ascent``)
   dbterms    the DB residual's parts per denoising step (``probes.dbterms``)
+  epoch      a full DAG-DB epoch (sampling, in-graph rewards, update windows) at SD1.5 or
+             tiny shapes: seconds, transitions/s, MFU, peak memory (``epoch``)
 
 Each module's docstring gives its command and metrics. The records print as a table and, with
 ``--json=PATH``, are written there as a JSON list. For example:
@@ -43,6 +46,7 @@ BENCHES: dict[str, str] = {
     "toy2d": "dag_jax.bench.probes.toy2d:bench_toy2d",
     "ascent": "dag_jax.bench.probes.ascent:bench_ascent",
     "dbterms": "dag_jax.bench.probes.dbterms:bench_dbterms",
+    "epoch": "dag_jax.bench.epoch:bench_epoch",
 }
 
 
@@ -106,11 +110,24 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("fsdp", "1,2,4,8", "memory: fsdp sizes of the (data, fsdp) mesh")
     flags.DEFINE_enum(
+        "trainable",
+        "lora",
+        ["lora", "unet"],
+        "memory: train.trainable (unet: the whole UNet and its AdamW state sharded on fsdp)",
+    )
+    flags.DEFINE_enum(
         "fl_source",
         "current",
         ["current", "sampling"],
         "train: where DAG's forward-looking x̂₀ come from (dag.fl_source; sampling: kept by "
         "the sampler, no UNet pass in the step)",
+    )
+    flags.DEFINE_enum("size", "tiny", ["tiny", "sd15"], "epoch: model shapes (random weights)")
+    flags.DEFINE_float(
+        "timeout",
+        540.0,
+        "epoch: seconds the whole command may take (checked up front on "
+        "GPU/TPU from the FLOP count, and before every timed epoch)",
     )
     flags.DEFINE_string("json", None, "write the records to this JSON file")
     cpu_tuning.define_flag()

@@ -60,6 +60,9 @@ class Settings:
     micro_batch: int = 0  # memory/train benches: transitions per train step; 0 = by bench
     fsdp: str = "1,2,4,8"  # memory bench: fsdp sizes (each must divide the device count)
     fl_source: str = "current"  # train bench: dag.fl_source (current | sampling)
+    trainable: str = "lora"  # memory bench: train.trainable (lora | unet: full fine-tuning)
+    size: str = "tiny"  # epoch bench: model shapes, tiny | sd15 (random weights)
+    timeout: float = 540.0  # epoch bench: seconds the whole command may take
     json: str | None = None
 
     def impls(self) -> tuple[str, ...]:

@@ -5,7 +5,8 @@
 
 Images/s of each reward of ``dag_jax.rewards`` on one batch of ``--batch`` uniform-noise images
 (``--image_size`` px square; 0 = 64 for ``tiny``, 512 = Stable Diffusion 1.5's output for
-``sd15-random``) with cycling prompts. JAX-native rewards (aesthetic, clipscore, hpsv2) run
+``sd15-random``) with cycling prompts. JAX-native rewards (aesthetic, clipscore, hpsv2,
+imagereward, pickscore) run
 jitted, lowered and compiled once up front (``compile_s``, recorded apart): the same program as
 ``jax.jit(reward.bind(prompts))`` (quantise, token-table gather, score) except that the weights
 enter as arguments (``aesthetic.aesthetic_parts``, ``clipscore.similarity_parts``,
@@ -35,8 +36,16 @@ else with made-up ids (the throughput does not depend on them).
 bertscore needs its captioning server: it is skipped with a message unless the environment
 variable ``DAG_JAX_BERTSCORE_URL`` gives the server's URL.
 
-Records ``{"bench": "reward", "impl": "dag_jax", "metric", "value", "unit", "config"}`` per
-reward, ``config["reward"]`` naming it:
+pickscore also runs its PyTorch reference in the same timed loop (``--impl=both``, the default;
+``--impl=dag_jax`` or ``torch_ref`` runs one side): PickScore's own scoring code on a random
+transformers ``CLIPModel`` of the same shapes (``torch_pickscore``: ``CLIPImageProcessor`` PIL
+path, tokenizer, both towers, ``logit_scale.exp()`` · cosine), fp32, torch's default threads.
+Its towers: ``--model=sd15-random`` a CLIP ViT-H/14 with PickScore_v1's shapes
+(``PICKSCORE_CLIP``), ``tiny`` the tiny CLIP with GELU; both tokenize with the tiny world's BPE
+(the ids do not change the cost). ``mix`` is not benchmarked (its parts are).
+
+Records ``{"bench": "reward", "impl": "dag_jax" | "torch_ref", "metric", "value", "unit",
+"config"}`` per reward and implementation, ``config["reward"]`` naming it:
   images_per_s  batch / mean seconds of one scoring call (after ``--warmup`` untimed calls;
                 the rewards take turns, so load changes hit all alike)
   batch_s       mean seconds of one call on the batch
@@ -114,6 +123,46 @@ VIT_L14_CLIP = {  # openai/clip-vit-large-patch14
         hidden_act="quick_gelu",
     ),
 }
+# PickScore_v1 (yuvalkirstain/PickScore_v1): a transformers CLIP ViT-H/14 with exact GELU, and
+# the same family at the tiny sizes (vocabulary of the tiny world's BPE, which tokenizes it).
+PICKSCORE_CLIP = {
+    "projection_dim": 1024,
+    "logit_scale_init_value": 4.6052,  # ln 100, PickScore's trained value to 4 digits
+    "text_config": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act="gelu",
+        eos_token_id=2,  # pool at the highest id (CLIP's EOS), as transformers' legacy rule
+    ),
+    "vision_config": dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    ),
+}
+TINY_PICKSCORE = {
+    "projection_dim": 16,
+    "logit_scale_init_value": 4.6052,
+    "text_config": {
+        **TINY_CLIP["text_config"],
+        "vocab_size": 578,
+        "hidden_act": "gelu",
+        "bos_token_id": 576,  # the tiny BPE's BOS; EOS (577, also its pad) is the highest id
+        "eos_token_id": 2,
+        "pad_token_id": 577,
+    },
+    "vision_config": {**TINY_CLIP["vision_config"], "hidden_act": "gelu"},
+}
+# Rewards with a PyTorch reference in this bench (``--impl=both|torch_ref``).
+TORCH_REFS = ("pickscore",)
 # OpenCLIP model configs: ViT-H-14's settings with tiny sizes (full vocabulary, so OpenCLIP's
 # real tokenizer applies), and ViT-H-14 itself.
 TINY_OPEN_CLIP = {
@@ -333,6 +382,15 @@ def build_reward(
         fn, weights, tokenize = imagereward_parts(module, params, load_tokenizer(folder), "pil")
         what = "BLIP ViT-L/16 + BERT-base" if full else "tiny BLIP ViT + BERT"
         return JaxScorer(fn, weights, tokenize, {"towers": f"random {what}"})
+    if name == "pickscore":
+        from dag_jax.rewards.pickscore import pickscore_parts
+
+        module, params = random_clip(
+            PICKSCORE_CLIP if full else TINY_PICKSCORE, dtype, settings.seed
+        )
+        fn, weights, tokenize = pickscore_parts(module, params, pickscore_tokenizer(), "pil")
+        what = "random CLIP ViT-H/14 (PickScore_v1's shapes)" if full else "random tiny CLIP"
+        return JaxScorer(fn, weights, tokenize, {"towers": what})
     if name == "bertscore":
         url = os.environ.get(BERTSCORE_URL_ENV)
         if not url:
@@ -344,6 +402,54 @@ def build_reward(
         return rewards.get("bertscore", url=url)
     print(f"[bench] skipping {name}: no random-weight setup for it in the reward bench")
     return None
+
+
+def pickscore_tokenizer():
+    """Return a CLIP tokenizer for the PickScore bench: the tiny world's BPE (578 tokens; the
+    throughput does not depend on the ids, and its files ship with the package)."""
+    from dag_jax.rewards.pickscore import load_tokenizer
+    from dag_jax.tinyworld.assets import TINY_CLIP as TINY_CLIP_FOLDER
+
+    return load_tokenizer(TINY_CLIP_FOLDER)
+
+
+def torch_pickscore(settings: Settings, images: np.ndarray, prompts: list[str]) -> Callable:
+    """Return a blocking call scoring the batch as PickScore's own PyTorch code does.
+
+    A random transformers ``CLIPModel`` of the bench's shapes; per call: ``CLIPImageProcessor``
+    (PIL path) on the uint8 images, the tokenizer (``padding=True, truncation=True,
+    max_length=77``), ``get_image_features`` / ``get_text_features``, L2 norm and
+    ``logit_scale.exp()`` times the cosine of each image with its prompt. fp32, eval mode,
+    ``torch.no_grad``, torch's default threads.
+    """
+    import torch
+    import transformers
+    from PIL import Image
+
+    full = settings.model == "sd15-random"
+    torch.manual_seed(settings.seed)
+    model = transformers.CLIPModel(
+        transformers.CLIPConfig(**(PICKSCORE_CLIP if full else TINY_PICKSCORE))
+    ).eval()
+    size = model.config.vision_config.image_size
+    cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    processor = cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    tok = pickscore_tokenizer()
+    pil = [Image.fromarray(im) for im in np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)]
+
+    def run():
+        with torch.no_grad():
+            pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
+            text = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            img = model.get_image_features(pixel_values=pixels)
+            txt = model.get_text_features(**text)
+            img = img if isinstance(img, torch.Tensor) else img.pooler_output
+            txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            return (model.logit_scale.exp() * (img * txt).sum(-1)).numpy()
+
+    return run
 
 
 def prepare(reward: Reward | JaxScorer, images: np.ndarray, prompts: list[str]):
@@ -388,40 +494,51 @@ def bench_reward(settings: Settings) -> list[dict]:
                 continue
             if reward is None:
                 continue
-            calls[name], compile_s[name] = prepare(reward, images, prompts)
-            configs[name] = {**base, "reward": name, "jittable": reward.jittable}
-            configs[name].update({k: v for k, v in reward.config.items() if k == "towers"})
+            config = {**base, "reward": name, "jittable": reward.jittable}
+            config.update({k: v for k, v in reward.config.items() if k == "towers"})
+            if "dag_jax" in settings.impls():
+                key = (name, "dag_jax")
+                calls[key], compile_s[key] = prepare(reward, images, prompts)
+                configs[key] = config
+            if name in TORCH_REFS and "torch_ref" in settings.impls():
+                if importlib.util.find_spec("torch") is None:
+                    print(f"[bench] no PyTorch reference for {name}: torch is not installed")
+                    continue
+                key = (name, "torch_ref")
+                calls[key], compile_s[key] = torch_pickscore(settings, images, prompts), None
+                configs[key] = {**config, "jittable": False}
         base["loadavg_1min_before"] = os.getloadavg()[0]
         runs = timed_runs(calls, settings.repeats, settings.warmup) if calls else {}
         loadavg_after = os.getloadavg()[0]
 
     records = []
-    for name, times in runs.items():
+    for key, times in runs.items():
+        impl = key[1]
         config = {
-            **configs[name],
+            **configs[key],
             "loadavg_1min_before": base["loadavg_1min_before"],
             "loadavg_1min_after": loadavg_after,
         }
         mean = float(np.mean(times))
         records.append(
-            record("reward", "dag_jax", "images_per_s", settings.batch / mean, "img/s", config)
+            record("reward", impl, "images_per_s", settings.batch / mean, "img/s", config)
         )
-        records.append(record("reward", "dag_jax", "batch_s", mean, "s", config))
-        if compile_s[name] is not None:
-            records.append(record("reward", "dag_jax", "compile_s", compile_s[name], "s", config))
+        records.append(record("reward", impl, "batch_s", mean, "s", config))
+        if compile_s[key] is not None:
+            records.append(record("reward", impl, "compile_s", compile_s[key], "s", config))
     print(summary(records))
     return records
 
 
 def summary(records: list[dict]) -> str:
-    """Return a per-reward table (reward, images/s, batch s, compile s) of the records."""
-    by_reward: dict[str, dict[str, float]] = {}
+    """Return a per-reward table (reward, impl, images/s, batch s, compile s) of the records."""
+    by_reward: dict[tuple[str, str], dict[str, float]] = {}
     for r in records:
-        by_reward.setdefault(r["config"]["reward"], {})[r["metric"]] = r["value"]
-    rows = [("reward", "images/s", "batch s", "compile s")]
-    for name, m in by_reward.items():
+        by_reward.setdefault((r["config"]["reward"], r["impl"]), {})[r["metric"]] = r["value"]
+    rows = [("reward", "impl", "images/s", "batch s", "compile s")]
+    for (name, impl), m in by_reward.items():
         comp = f"{m['compile_s']:.3g}" if "compile_s" in m else "-"
-        rows.append((name, f"{m['images_per_s']:.4g}", f"{m['batch_s']:.4g}", comp))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((name, impl, f"{m['images_per_s']:.4g}", f"{m['batch_s']:.4g}", comp))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "[bench] reward summary\n" + "\n".join(lines)

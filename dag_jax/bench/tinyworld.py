@@ -1,6 +1,6 @@
 """Reward rise of demo runs in the tiny world: ``python -m dag_jax.bench tinyworld``.
 
-    python -m dag_jax.bench tinyworld --algos=ddpo,dag_db,dag_kl,b2 \
+    python -m dag_jax.bench tinyworld --algos=ddpo,dag_db,dag_kl,b2,grpo \
         --tasks=compressibility,alignment --seeds=3 --json=tinyworld.json
 
 Trains the ``:demo`` variant of each task's config (``configs/<task>.py:demo``: the built-in
@@ -20,7 +20,8 @@ once per task and reused). Records, per split ``train`` / ``test`` (held-out cap
 
 and from ``metrics.jsonl``: ``reward_first_epoch`` / ``reward_last_epoch`` (the mean over each
 epoch's fresh training trajectories), ``unique_trajectories`` and ``seconds`` (training wall
-time, compilation included). ``impl`` is the algorithm (``b2`` = B² with its PPO objective);
+time, compilation included). ``impl`` is the algorithm (``b2`` = B² with its PPO objective,
+``grpo`` = GRPO with ``:demo``'s KL 0.04 to the base model);
 ``config`` holds the task, the seed and the epochs. ``format_rise`` turns the records into a
 mean ± std table over seeds, printed after the runs.
 """
@@ -39,7 +40,7 @@ from dag_jax.bench.common import Settings, machine_info, record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # dag_jax/configs
 TASKS = ("compressibility", "alignment")
-ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+ALGOS = ("ddpo", "dag_db", "dag_kl", "b2", "grpo")
 
 
 def demo_config(task: str, algo: str, seed: int, epochs: int = 0):

@@ -27,6 +27,17 @@ Records per fsdp size N (``config["fsdp"]`` too), per device, from
   fsdpN/compile_s        seconds to lower and compile
   param_bytes_ratio_fsdpN_vs_fsdp1   the largest size's param_bytes over fsdp 1's (target ≤ 0.2
                          for SD1.5 at fsdp 8)
+  fsdpN/trainable_bytes, fsdpN/opt_state_bytes   the trainable tree's and its AdamW state's
+                         shards (LoRA and flow replicated)
+
+``--trainable=unet`` (``train.trainable``, full fine-tuning): the UNet is the trainable tree
+(no frozen copy), sharded with the flow and the AdamW moments on "fsdp" by the same rule, and the
+step constrains its gradient sum to those shardings. param_bytes is then the trained UNet's
+shard, and per fsdp size also:
+  fsdpN/param_opt_bytes  trainable_bytes + opt_state_bytes (params plus optimizer state)
+  fsdpN/apply_argument_bytes, fsdpN/apply_temp_bytes   the AdamW update program (``apply``)
+  param_opt_bytes_ratio_fsdpN_vs_fsdp1   the largest size's param_opt_bytes over fsdp 1's
+                         (target ≤ 0.15 for SD1.5 at fsdp 8)
 
 train: one optimizer step of ``train.update.update_window`` per algorithm of ``--algos`` (ddpo,
 dag_db, dag_kl): ``--batch`` trajectories of ``--steps`` steps (sampled once with the dag_jax
@@ -100,9 +111,16 @@ from dag_jax.pipeline import Pipeline, unet_shapes, vae_shapes
 from dag_jax.tinyworld import random_tiny as tiny
 from dag_jax.train import objectives
 from dag_jax.train.collect import Collected
-from dag_jax.train.config import default_config, fl_from_sampling, flow_per_state, validate
+from dag_jax.train.config import (
+    TRAINABLES,
+    default_config,
+    fl_from_sampling,
+    flow_per_state,
+    trains_unet,
+    validate,
+)
 from dag_jax.train.phases import Context, Phases, build_phases
-from dag_jax.train.run import Model, init_trainable, make_flow, make_tx
+from dag_jax.train.run import Model, init_trainable, make_flow, make_tx, without_frozen_unet
 from dag_jax.train.state import TrainState
 from dag_jax.train.update import micro_batch_shardings, update_window, window_rows
 from dag_jax.weights.convert import torch_to_linen
@@ -148,6 +166,7 @@ def train_config(settings: Settings, algo: str, fsdp: int = 1, *, released: bool
     c.dag.baseline_group = math.gcd(c.dag.baseline_group, c.train.micro_batch)
     c.dag.fl_source = settings.fl_source
     c.mesh.data, c.mesh.fsdp = -1, fsdp
+    c.train.trainable = settings.trainable
     if settings.model == "tiny":
         c.flow.block_out_channels = TINY_FLOW["block_out_channels"]
         c.flow.attention_heads = TINY_FLOW["attention_heads"]
@@ -240,6 +259,15 @@ class AbstractStep:
     batch: Transitions
 
     config: object = None
+    opt_state: object = None  # the AdamW state of ``trainable``, laid out as training does
+
+    def apply_call(self) -> tuple:
+        """Return (the jitted AdamW update ``apply``, its abstract arguments)."""
+        mesh = self.batch.x_t.sharding.mesh
+        rep = parallel.replicated(mesh)
+        count = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+        finite = jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep)
+        return self.phases.apply, (self.trainable, self.opt_state, self.trainable, count, finite)
 
     @property
     def per_state(self) -> bool:
@@ -288,8 +316,10 @@ def min_shard_size(settings: Settings) -> int:
 def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
     """Return the train phases of ``config`` on abstract inputs sharded as ``train`` shards them.
 
-    Frozen UNet (and VAE) params are FSDP-sharded, the trainable tree replicated, the
-    micro-batch split over all devices with its context table replicated.
+    Frozen UNet (and VAE) params are FSDP-sharded, the trainable tree replicated (with
+    ``train.trainable=unet`` the UNet is the trainable tree, FSDP-sharded like the rest, and
+    the frozen tree has no UNet), the micro-batch split over all devices with its context
+    table replicated.
     """
     unet, vae = bench_modules(settings, config)
     shapes = {"unet": unet_shapes(unet), "vae": vae_shapes(vae)}
@@ -298,9 +328,15 @@ def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
     d = unet.config.cross_attention_dim
     uncond = jnp.zeros((1, CONTEXT_LEN, d), jnp.float32)
     model = bench_model(settings, config, unet, vae, frozen, uncond)
-    trainable = jax.eval_shape(lambda: init_trainable(model, config, jax.random.key(0)))
-    rep = parallel.replicated(mesh)
-    trainable = parallel.abstract(trainable, jax.tree.map(lambda _: rep, trainable))
+    layout = parallel.TreeLayout(mesh, trains_unet(config), min_shard_size(settings))
+    model = dataclasses.replace(model, trainable_layout=layout)
+    trainable = jax.eval_shape(
+        lambda fz: init_trainable(dataclasses.replace(model, frozen=fz), config, jax.random.key(0)),
+        frozen,
+    )
+    trainable = layout.abstract(trainable)
+    model = without_frozen_unet(model)
+    frozen = model.frozen
     batch = transition_shapes(
         config.train.micro_batch,
         model.latent_shape,
@@ -308,8 +344,10 @@ def abstract_step(settings: Settings, config, mesh) -> AbstractStep:
         (CONTEXT_LEN, d),
     )
     batch = parallel.abstract(batch, micro_batch_shardings(mesh, batch))
-    phases = build_phases(model, config, make_tx(config, trainable))
-    return AbstractStep(model, phases, trainable, frozen, batch, config)
+    tx = make_tx(config, trainable)
+    phases = build_phases(model, config, tx)
+    opt_state = layout.abstract(jax.eval_shape(tx.init, trainable))
+    return AbstractStep(model, phases, trainable, frozen, batch, config, opt_state)
 
 
 def sharded_bytes(tree) -> int:
@@ -346,7 +384,14 @@ def memory_records(settings: Settings, fsdp: int) -> tuple[list[dict], int]:
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     mem = parallel.memory_per_device(compiled)
-    params = sharded_bytes(step.frozen["unet"])
+    unet_trains = trains_unet(config)
+    params = sharded_bytes(step.trainable["unet"] if unet_trains else step.frozen["unet"])
+    sizes = {"trainable": sharded_bytes(step.trainable), "opt_state": sharded_bytes(step.opt_state)}
+    if unet_trains:
+        sizes["param_opt"] = sizes["trainable"] + sizes["opt_state"]
+        fn, args = step.apply_call()
+        apply_mem = parallel.memory_per_device(fn.lower(*args).compile())
+        sizes.update({f"apply_{k}": apply_mem[k] for k in ("argument", "temp") if k in apply_mem})
     cfg = config_record(
         settings,
         fsdp=fsdp,
@@ -359,9 +404,12 @@ def memory_records(settings: Settings, fsdp: int) -> tuple[list[dict], int]:
         flow_block_out_channels=list(config.flow.block_out_channels),
         lora_rank=config.lora.rank,
         fsdp_min_shard_size=min_shard_size(settings),
+        trainable=config.train.trainable,
     )
     name = lambda m: f"fsdp{fsdp}/{m}"
     out = [record("memory", "dag_jax", name("param_bytes"), params, "bytes", cfg)]
+    for key, value in sizes.items():
+        out.append(record("memory", "dag_jax", name(f"{key}_bytes"), value, "bytes", cfg))
     for key in ("argument", "output", "temp"):
         if key in mem:
             out.append(record("memory", "dag_jax", name(f"{key}_bytes"), mem[key], "bytes", cfg))
@@ -370,22 +418,25 @@ def memory_records(settings: Settings, fsdp: int) -> tuple[list[dict], int]:
         out.append(record("memory", "dag_jax", name("total_bytes"), total, "bytes", cfg))
     out.append(record("memory", "dag_jax", name("compile_s"), compile_s, "s", cfg))
     print(f"[bench] memory fsdp={fsdp}: compiled in {compile_s:.1f}s, {mem}", flush=True)
-    return out, params
+    return out, {"param": params, **({"param_opt": sizes["param_opt"]} if unet_trains else {})}
 
 
 def bench_memory(settings: Settings) -> list[dict]:
     """Return per-device memory records of the sharded DAG-DB train step per fsdp size."""
     unet_config(settings)  # a bad --model fails before any work
-    records, params = [], {}
+    if settings.trainable not in TRAINABLES:
+        raise ValueError(f"--trainable must be one of {TRAINABLES}, got {settings.trainable!r}")
+    records, sizes = [], {}
     for fsdp in fsdp_sizes(settings, jax.device_count()):
-        recs, params[fsdp] = memory_records(settings, fsdp)
+        recs, sizes[fsdp] = memory_records(settings, fsdp)
         records += recs
-    largest = max(params)
-    if 1 in params and largest > 1:
-        ratio = params[largest] / params[1]
+    largest = max(sizes)
+    if 1 in sizes and largest > 1:
         cfg = dict(records[-1]["config"], fsdp=[largest, 1])
-        metric = f"param_bytes_ratio_fsdp{largest}_vs_fsdp1"
-        records.append(record("memory", "dag_jax", metric, ratio, "fraction", cfg))
+        for what in sizes[1]:
+            ratio = sizes[largest][what] / sizes[1][what]
+            metric = f"{what}_bytes_ratio_fsdp{largest}_vs_fsdp1"
+            records.append(record("memory", "dag_jax", metric, ratio, "fraction", cfg))
     return records
 
 

@@ -23,6 +23,7 @@ NAMES = (
     "hpsv2",
     "imagereward",
     "incompressibility",
+    "pickscore",
 )
 
 

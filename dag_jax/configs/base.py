@@ -27,7 +27,7 @@ import difflib
 
 import ml_collections
 
-ALGOS = ("ddpo", "dag_db", "dag_kl", "b2")
+ALGOS = ("ddpo", "dag_db", "dag_kl", "b2", "grpo")
 SIZES = ("", "tiny", "demo")
 DAG_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the maintained SD1.5 copy
 B2_MODEL = "CompVis/stable-diffusion-v1-4"  # B²-DiffuRL's release
@@ -37,7 +37,7 @@ JPEG_TASKS = ("compressibility", "incompressibility")
 def get_config() -> ml_collections.ConfigDict:
     """Return every key with its default: DAG-DB's released settings for SD1.5."""
     c = ml_collections.ConfigDict()
-    c.algo = "dag_db"  # ddpo | dag_db | dag_kl | b2
+    c.algo = "dag_db"  # ddpo | dag_db | dag_kl | b2 | grpo
     c.seed = 0
     c.model = DAG_MODEL  # diffusers folder, hub id, tiny, random-tiny
     c.revision = ""  # hub revision (branch, tag or commit) of the model
@@ -52,9 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.reward.options = ml_collections.ConfigDict()  # keyword options of rewards.get
 
     c.prompts = ml_collections.ConfigDict()
-    c.prompts.name = "simple_animals"  # a dag_jax.data.prompts set, or "inline"
+    c.prompts.name = "simple_animals"  # a dag_jax.data.prompts set, "tfds:...", or "inline"
     c.prompts.root = ""  # folder with the canonical prompt files ("" = $DAG_JAX_PROMPTS/cache)
     c.prompts.inline = ()  # the prompts when name == "inline"
+    # name "tfds:<dataset>[/<config>][:<split>]": a TFDS dataset (dag_jax.data.tfds, extra tfds)
+    c.prompts.field = ""  # its text feature, e.g. "prompt" or "meta/text" (tfds: names only)
+    c.prompts.data_dir = ""  # its TFDS data_dir, may be gs:// ("" = TFDS's default)
     c.prompts.negative = ""  # the unconditional prompt of CFG
 
     c.sample = ml_collections.ConfigDict()
@@ -67,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     # x_T, and DDPO standardises rewards within the group instead of its per-prompt tracker.
     # Why: prompt and x_T fix 93 % of the tiny sampler's reward variance; without groups
     # DDPO's demo did not rise (BENCHMARKS.md, "Demo runs"). B² ignores it (its branches
-    # share a prefix).
+    # share a prefix), and GRPO (its groups are grpo.group and grpo.share_noise).
     c.sample.group = 1
 
     c.train = ml_collections.ConfigDict()
@@ -81,6 +84,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.flow_weight_decay = 1e-4
     c.train.flow_max_grad_norm = 1.0
     c.train.max_nonfinite = 5  # consecutive non-finite losses before the run stops
+    # What θ is: "lora" (the releases: a LoRA on the attention projections, the UNet frozen) or
+    # "unet" (full fine-tuning: every UNet weight, sharded with its AdamW state on mesh.fsdp).
+    c.train.trainable = "lora"
+    # Improvement (0 = release: no EMA). d in (0, 1): an exponential moving average of the
+    # trainable tree, ema <- d·ema + (1 - d)·θ after every accepted update, checkpointed; what
+    # `python -m dag_jax.eval --ema` and `python -m dag_jax.export --ema` read.
+    c.train.ema_decay = 0.0
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 4
@@ -128,6 +138,18 @@ def get_config() -> ml_collections.ConfigDict:
     # a group the reward scores alike gets near-zero advantages (BENCHMARKS.md, "Demo runs").
     c.ddpo.group_scale = "group"
 
+    # GRPO (no release on SD1.5 DDIM here): defaults from DanceGRPO's SD script (its
+    # fastvideo/config_sd/dgx.py:hpsv2 and train_grpo_sd.py), KL from Flow-GRPO's option.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.group = 16  # G trajectories per prompt, standardised within (DanceGRPO: 16)
+    # the G share their initial noise x_T (DanceGRPO); False: each its own (Flow-GRPO)
+    c.grpo.share_noise = True
+    c.grpo.clip_range = 1e-4  # PPO ratio clip per denoising step (DanceGRPO, Flow-GRPO)
+    c.grpo.adv_clip = 5.0
+    # coefficient of the per-step KL(π_θ ‖ π_ref) to the base UNet (DanceGRPO: none;
+    # Flow-GRPO: 0.004–0.04); needs sample.eta > 0 (σ_t = 0 has no KL)
+    c.grpo.kl = 0.0
+
     c.b2 = ml_collections.ConfigDict()
     c.b2.objective = "ddpo"  # ddpo | dag_db | dag_kl
     c.b2.branches = 5
@@ -153,6 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1
+    c.mesh.min_shard_size = 2**18  # leaves with fewer elements stay whole on every device
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_epochs = 1
@@ -162,6 +185,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.grid_every_epochs = 10  # sample grids of fixed prompts and seeds (0: never)
     c.log.grid_prompts = 4
     c.log.grid_seeds = 4
+
+    # evaluation inside the loop, with `python -m dag_jax.eval`'s protocol (fixed noise per
+    # prompt and seed): `eval/<split>/…` in metrics.jsonl and TensorBoard, compare grids
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_epochs = 0  # 0: never; else every N epochs and after the last one
+    c.eval.prompts = "test"  # train | test | both (test: held-out prompts)
+    c.eval.test_prompts = ()  # replace the held-out prompts (sets without a held-out split)
+    c.eval.max_prompts = 0  # the first N prompts of each split (0: all)
+    c.eval.num_per_prompt = 4  # images (seeds) per prompt
+    c.eval.seed = 0  # the evaluation noise (not the run's seed): the same at every epoch
+    c.eval.batch_size = 0  # images per compiled sampling call (0: sample.chunk)
+    c.eval.feature_model = ""  # diversity features, as eval's --feature_model ("": auto)
+    c.eval.grid_prompts = 4  # compare grids (base row above current row): prompts
+    c.eval.grid_seeds = 4  # … and seeds
+    c.eval.ema = False  # evaluate the EMA weights (needs train.ema_decay > 0)
     return c
 
 
@@ -176,7 +214,10 @@ def release(c: ml_collections.ConfigDict, algo: str, task: str) -> ml_collection
     per update, 100 epochs, tracker 16/16; alignment: 288 sampled, 144 per update, 200 epochs;
     other rewards as aesthetic: 256 sampled, 128 per update, 200 epochs; tracker 32/16).
     B²: its release (SD1.4, 20 steps, 256 prefixes × 5 branches, 128 kept per update,
-    100 stages of 2 passes, lr 1e-4).
+    100 stages of 2 passes, lr 1e-4). GRPO (no release here): DanceGRPO's SD settings
+    (50 steps, η 1, guidance 5, 512 trajectories per epoch in groups of 16 sharing x_T, 256
+    per update, 300 epochs, clip 1e-4, no KL) with the LoRA learning rate 3e-4 of the others
+    (DanceGRPO trains the whole UNet at 1e-5).
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}{did_you_mean(algo, ALGOS)}; one of {ALGOS}")
@@ -198,6 +239,9 @@ def release(c: ml_collections.ConfigDict, algo: str, task: str) -> ml_collection
     elif algo == "b2":
         c.sample.chunk = 32
         c.train.trajectories_per_step = 128
+    elif algo == "grpo":
+        c.sample.trajectories = 512
+        c.train.epochs = 300
     else:
         c.sample.trajectories = 512
     return c
@@ -211,11 +255,14 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     The model is the shipped tiny SD (64-px images, 8×8 latents) and the prompts its captions
     (``tiny_shapes``). JPEG rewards stay; every other reward becomes ``tiny_clipscore``, the
-    tiny world's prompt alignment (the real reward models need weights a CPU run lacks).
+    tiny world's prompt alignment (the real reward models need weights a CPU run lacks); a
+    ``mix`` keeps its part names and weights, its non-JPEG parts becoming ``tiny_clipscore``.
     """
     c.model = "tiny"
     c.prompts.name = "tiny_shapes"
-    if not c.reward.name.startswith("jpeg_"):
+    if c.reward.name == "mix":
+        c.reward.options = ml_collections.ConfigDict({"parts": tiny_mix_parts(c.reward.options)})
+    elif not c.reward.name.startswith("jpeg_"):
         c.reward.name = "tiny_clipscore"
         c.reward.options = ml_collections.ConfigDict()
     c.dtype = "float32"
@@ -231,6 +278,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.flow.attention_heads = 4
     c.dag.baseline_group = 4
     c.ddpo.tracker_min_count = 2
+    c.grpo.group = 4
     c.b2.prefixes = 4
     c.b2.branches = 2
     c.b2.stages = 2
@@ -243,6 +291,23 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_mix_parts(options) -> dict:
+    """Return a mix's ``parts`` for the tiny world: names and weights kept, JPEG parts as they
+    are, every other part ``tiny_clipscore`` with its default options."""
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    parts = options.get("parts") or {
+        k: {"weight": w} for k, w in options.get("weights", {}).items()
+    }
+    out = {}
+    for name, part in parts.items():
+        reward = part.get("reward") or name
+        if str(reward).startswith("jpeg_"):
+            out[name] = dict(part)
+        else:
+            out[name] = {"reward": "tiny_clipscore", "weight": part.get("weight"), "options": {}}
+    return out
+
+
 def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Return the tiny world at a size where the reward measurably rises (7–11 min, 2 cores).
 
@@ -251,6 +316,8 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ``b2.baseline`` = "prefix" and ``b2.select`` = False. 128 trajectories make one update per
     epoch (the PPO ratio is 1, so the tight clip range costs nothing), at a learning rate the
     paired line search put near the best step (BENCHMARKS.md, "Demo runs"). β stays 100.
+    GRPO: groups of 8 sharing x_T, as ``sample.group``, with Flow-GRPO's KL coefficient 0.04
+    (without the KL it would be DDPO's demo exactly).
     """
     c = tiny(c)
     c.sample.steps = 10
@@ -268,6 +335,8 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.b2.baseline = "prefix"
     c.b2.select = False
     c.ddpo.tracker_min_count = 4
+    c.grpo.group = 8
+    c.grpo.kl = 0.04
     c.b2.prefixes = 16
     c.b2.branches = 8
     c.b2.stages = 20

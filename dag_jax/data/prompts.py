@@ -27,6 +27,10 @@ Sets (``names()``), what they are for, and where their file comes from (``SOURCE
 - ``tiny_shapes``: the captions of the built-in tiny world (``dag_jax.tinyworld.shapes``),
   e.g. "two red circles on a blue background": 333 train, 45 test (every caption of the held-out
   colour/kind/background triples). Needs no file. Metadata: the parsed attributes.
+- ``tfds:<dataset>[/<config>][:<split>]``: the text feature ``field`` of a TFDS dataset
+  prepared in ``data_dir`` (``dag_jax.data.tfds``, extra ``tfds``; Hugging Face datasets via
+  ``tfds:huggingface:<owner>/<name>``). Without a split: ``train``, and ``test`` held out if
+  the dataset has it. ``tfds:tiny_shapes/captions`` (field ``caption``) is ``tiny_shapes``.
 
 Where the files are looked for: ``load(name, root=...)``, else the folder in the environment
 variable ``DAG_JAX_PROMPTS``, both laid out like ``../shared/data/prompts`` (``SOURCES``). With
@@ -51,6 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dag_jax.data.errors import MissingPromptFile, PromptError
+
+TFDS_PREFIX = "tfds:"  # names read through TensorFlow Datasets (dag_jax.data.tfds)
 ENV_ROOT = "DAG_JAX_PROMPTS"
 ENV_CACHE = "DAG_JAX_CACHE"
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -79,14 +86,6 @@ SOURCES: dict[str, str] = {
         for split in ("train", "test")
     },
 }
-
-
-class PromptError(ValueError):
-    """An unknown prompt set, a malformed prompt file, or a bad sampler argument."""
-
-
-class MissingPromptFile(PromptError, FileNotFoundError):
-    """A prompt file is neither under the prompt root nor downloadable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +140,9 @@ def load(
     root: str | os.PathLike | None = None,
     download: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    *,
+    field: str = "",
+    data_dir: str = "",
 ) -> PromptSet:
     """Return prompt set ``name`` read from ``root`` (or ``$DAG_JAX_PROMPTS``, or the cache).
 
@@ -148,17 +150,48 @@ def load(
     ``$DAG_JAX_CACHE/prompts`` or ``~/.cache/dag_jax/prompts``) and, if missing there and
     ``download``, are fetched from ``SOURCES``. Raises MissingPromptFile for a file that is not
     there, and PromptError for an unknown name or a malformed file.
+
+    ``tfds:<dataset>[/<config>][:<split>]`` names read text feature ``field`` of a TFDS dataset
+    prepared in ``data_dir`` (``dag_jax.data.tfds``; ``root``, ``download`` and ``cache_dir``
+    are not used); ``field`` and ``data_dir`` are for those names only.
     """
+    if isinstance(name, str) and name.startswith(TFDS_PREFIX):
+        from dag_jax.data import tfds
+
+        train, test, files = tfds.read(name, field, data_dir)
+        return PromptSet(name, train, test, files=files)
+    if field or data_dir:
+        raise PromptError(
+            f"prompt set {name!r}: field and data_dir are only read by '{TFDS_PREFIX}' prompt "
+            f"sources, got field={field!r}, data_dir={data_dir!r}"
+        )
     files, build = _builder(name)
     folder, fetch = _resolve_root(root, download, cache_dir)
     paths = {rel: _locate(name, rel, folder, fetch) for rel in files}
     return build(name, paths)
 
 
+def from_config(prompts) -> PromptSet:
+    """Return the prompt set a config's ``prompts`` block names (any name but "inline").
+
+    Reads ``name``, ``root``, ``field`` and ``data_dir`` (the last two may be missing from the
+    config of a run recorded before they existed).
+    """
+    return load(
+        prompts.name,
+        root=prompts.root or None,
+        field=prompts.get("field", "") or "",
+        data_dir=prompts.get("data_dir", "") or "",
+    )
+
+
 def _builder(name: str) -> tuple[tuple[str, ...], Callable]:
     """Return (files, build function) of prompt set ``name``, or raise PromptError."""
     if name not in _BUILDERS:
-        raise PromptError(f"unknown prompt set {name!r}; known sets: {', '.join(names())}")
+        raise PromptError(
+            f"unknown prompt set {name!r}; known sets: {', '.join(names())}, or a TFDS "
+            f"dataset '{TFDS_PREFIX}<dataset>[/<config>][:<split>]' (with prompts.field)"
+        )
     return _BUILDERS[name]
 
 

@@ -1,6 +1,6 @@
 """Evaluate a run: reward and diversity on train and held-out prompts, and image grids.
 
-    python -m dag_jax.eval --workdir=RUN [--step=N | --base] --prompts=test|train|both \
+    python -m dag_jax.eval --workdir=RUN [--step=N | --base] [--ema] --prompts=test|train|both \
         --num_per_prompt=K --seed=S [--extra_rewards=a,b] [--feature_model=PATH] [--batch_size=B]
 
 What it does (SPEC §9):
@@ -8,7 +8,8 @@ What it does (SPEC §9):
 1. rebuilds the run from ``RUN/config.json`` (``dag_jax.train.workdir.restore_run``: the
    training builders, then ``build_phases``) and restores the LoRA of checkpoint ``--step``
    (default: the latest) from ``RUN/checkpoints``; ``--base`` evaluates the base model instead
-   (the initial LoRA, whose B = 0, adds nothing);
+   (the initial LoRA, whose B = 0, adds nothing), ``--ema`` the checkpoint's EMA weights
+   (``train.ema_decay`` > 0; written to ``RUN/eval/<step>-ema/``);
 2. samples K images for every prompt of each split with the run's sampler (DDIM steps, η,
    guidance, negative prompt; ``--eta`` overrides η). Noise is fixed: image j of prompt p of
    split s comes from the per-sample key ``fold_in(fold_in(key(seed), s), p·2¹⁶ + j)``, the
@@ -34,12 +35,13 @@ first N of each split.
 
 ``eval.json``::
 
-    {"workdir", "tag", "step" (null for base), "base", "label", "algo", "objective", "model",
+    {"workdir", "tag", "step" (null for base), "base", "ema", "label", "algo", "objective", "model",
      "reward" (the run's reward name), "trajectories_seen", "unique_trajectories",
      "feature_model", "settings": {num_per_prompt, seed, steps, eta, guidance, negative_prompt,
      resolution, batch_size, feature_model},
      "splits": {"train"|"test": {"prompts", "num_images",
-        "rewards": {name: {"mean", "std", "per_prompt_mean": [...]}},
+        "rewards": {name: {"mean", "std", "per_prompt_mean": [...],
+                           "change", "change_se" (checkpoints: paired_change to the base)}},
         "diversity": {"pairwise", "vendi", "pairwise_per_prompt", "vendi_per_prompt"},
         "frechet_to_base" (null for base)}},
      "skipped": {split: reason}}
@@ -47,7 +49,7 @@ first N of each split.
 Pairwise diversity and Vendi score are per prompt (over its K images), then averaged over
 prompts; the Fréchet distance pools all images of a split. Non-finite numbers are ``null``.
 Runs in one process (the images are gathered on the host); the batch is split over its local
-devices.
+devices. The training loop evaluates with the same code (``LoopEvaluator``, ``config.eval``).
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ from etils import epath
 from dag_jax import rewards
 from dag_jax.eval import diversity
 from dag_jax.eval.features import FeatureExtractor, default_feature_model, load_feature_extractor
-from dag_jax.infra import console, cpu_tuning
-from dag_jax.infra.metrics import image_grid, to_json_number
+from dag_jax.infra import console, cpu_tuning, parallel
+from dag_jax.infra.captions import captioned_grid, compare_captions
+from dag_jax.infra.metrics import to_json_number
 from dag_jax.rewards.base import scorer
+from dag_jax.rewards.mix import named_parts
 from dag_jax.train.config import ConfigError, objective_of
 from dag_jax.train.phases import Phases, build_phases
 from dag_jax.train.run import load_prompts, put_batch
@@ -121,7 +125,7 @@ def prompt_splits(
     else:
         from dag_jax.data import prompts as prompt_sets
 
-        test = list(prompt_sets.load(config.prompts.name, root=config.prompts.root or None).test)
+        test = list(prompt_sets.from_config(config.prompts).test)
     if test_prompts:
         test = [str(p) for p in test_prompts]
     splits = {"train": list(train_prompts), "test": test}
@@ -185,7 +189,9 @@ class Evaluator:
         salts = sample_indices(len(prompts), k)
         n, bs = salts.size, self.batch_size
         ekey = split_key(self.seed, split)
-        scorers = {name: scorer(r, prompts) for name, r in self.rewards.items()}
+        scorers = {
+            name: scorer(r, prompts, to_host=parallel.gather) for name, r in self.rewards.items()
+        }
         scores: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
         feats: list[np.ndarray] = []
         gp, gs = min(self.grid_prompts, len(prompts)), min(self.grid_seeds, k)
@@ -205,8 +211,9 @@ class Evaluator:
             )
             for name, score in scorers.items():
                 scores[name].append(score(images, prompt_idx)[:valid])
-            feats.append(self.extractor(images)[:valid])
-            host = np.asarray(images)[:valid]
+            host = parallel.gather(images)  # every process holds every image
+            feats.append(self.extractor(host)[:valid])
+            host = host[:valid]
             if grid is None:
                 grid = np.zeros((gp, gs, *host.shape[1:]), np.uint8)
             for i, row in enumerate(rows[:valid]):
@@ -222,7 +229,77 @@ class Evaluator:
         )
 
 
+def sample_model(
+    ev: Evaluator, trainable: dict, splits: Mapping[str, Sequence[str]]
+) -> dict[str, SplitSamples]:
+    """Return {split: SplitSamples} of ``trainable``'s LoRA on every split's prompts."""
+    return {split: ev.sample_split(trainable, split, p) for split, p in splits.items()}
+
+
+def evaluation_config(config, eta: float | None = None):
+    """Return a copy of a run's config as the evaluation samples with it: every seed draws
+    its own x_T (no ``sample.group`` or GRPO groups); ``eta`` (None: the run's) for DDIM's η."""
+    config = config.copy_and_resolve_references()
+    if eta is not None:
+        config.sample.eta = float(eta)
+    config.sample.group = 1  # every evaluation seed draws its own x_T
+    config.grpo.share_noise = False  # (GRPO's groups too, train.config.noise_group)
+    return config
+
+
+def make_evaluator(
+    run: Run,
+    *,
+    num_per_prompt: int,
+    seed: int,
+    extra_rewards: Sequence[str] = (),
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    feature_model: str | None = None,
+    batch_size: int = 0,
+    grid_prompts: int = 4,
+    grid_seeds: int = 4,
+    progress: bool = True,
+) -> Evaluator:
+    """Return the Evaluator of ``run`` (whose config is an ``evaluation_config``): the run's
+    reward and ``extra_rewards``, the feature extractor (None: the model's default) and the
+    sampler; ``batch_size`` 0 uses the run's ``sample.chunk``. What ``evaluate`` and the
+    training loop's evaluation (``LoopEvaluator``) both sample with."""
+    extractor = load_feature_extractor(
+        feature_model or default_feature_model(str(run.config.model))
+    )
+    named_rewards = {str(run.config.reward.name): run.model.reward}
+    options = dict(reward_options or {})
+    for name in extra_rewards:
+        named_rewards.setdefault(name, rewards.get(name, **dict(options.get(name, {}))))
+    for name, reward in list(named_rewards.items()):  # a mix's parts too, as "<mix>/<part>"
+        named_rewards.update(named_parts(name, reward))
+    return Evaluator(
+        run=run,
+        phases=build_phases(run.model, run.config, run.tx),
+        extractor=extractor,
+        rewards=named_rewards,
+        num_per_prompt=num_per_prompt,
+        seed=seed,
+        batch_size=batch_size or int(run.config.sample.chunk),
+        grid_prompts=grid_prompts,
+        grid_seeds=grid_seeds,
+        progress=progress,
+    )
+
+
 # --------------------------------------------------------------------------- metrics
+
+
+def paired_change(values: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Return (mean change, its standard error) of (P, K) rewards against the base model's.
+
+    Paired: image j of prompt p has the same noise in both. The standard error is over
+    prompts (each prompt's K differences averaged first, as a prompt's images share it):
+    std(d_p, ddof=1) / √P; NaN for one prompt.
+    """
+    diff = np.mean(np.asarray(values, np.float64) - np.asarray(base, np.float64), axis=1)
+    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return float(np.mean(diff)), se
 
 
 def reward_stats(values: np.ndarray) -> dict[str, Any]:
@@ -253,12 +330,27 @@ def split_metrics(samples: SplitSamples, base: SplitSamples | None) -> dict[str,
     if base is not None and flat.shape[0] >= 2:
         base_flat = base.features.reshape(-1, base.features.shape[-1])
         frechet = diversity.frechet_distance(flat, base_flat)
+    stats = {name: reward_stats(v) for name, v in samples.rewards.items()}
+    for name, v in samples.rewards.items():  # paired: the same prompts and noise as the base
+        if base is not None and name in base.rewards and base.rewards[name].shape == v.shape:
+            change, se = paired_change(v, base.rewards[name])
+            stats[name].update(change=change, change_se=se)
     return {
         "prompts": samples.prompts,
         "num_images": int(flat.shape[0]),
-        "rewards": {name: reward_stats(v) for name, v in samples.rewards.items()},
+        "rewards": stats,
         "diversity": diversity_stats(samples.features),
         "frechet_to_base": frechet,
+    }
+
+
+def model_metrics(
+    samples: Mapping[str, SplitSamples], base: Mapping[str, SplitSamples] | None
+) -> dict[str, Any]:
+    """Return eval.json's "splits": {split: split_metrics} (``base``: the base model's samples)."""
+    return {
+        split: split_metrics(s, None if base is None else base[split])
+        for split, s in samples.items()
     }
 
 
@@ -307,12 +399,14 @@ def load_samples(path: epath.Path) -> dict[str, SplitSamples]:
     return out
 
 
-def write_grid(path: epath.Path, grid: np.ndarray) -> None:
-    """Write a (rows, cols, H, W, 3) uint8 image array as one PNG grid."""
+def write_grid(path: epath.Path, grid: np.ndarray, captions: Sequence[str] | None = None) -> None:
+    """Write a (rows, cols, H, W, 3) uint8 image array as one PNG grid, each row under its
+    caption (``captions``: one per row, e.g. its prompt; None: no captions)."""
     from PIL import Image
 
     rows, cols = grid.shape[:2]
-    tiled = image_grid(grid.reshape(rows * cols, *grid.shape[2:]), rows=rows)
+    images = grid.reshape(rows * cols, *grid.shape[2:])
+    tiled = captioned_grid(images, rows=rows, row_captions=captions)
     png = io.BytesIO()
     Image.fromarray(tiled).save(png, format="PNG")
     _write_whole(epath.Path(path), png.getvalue())
@@ -391,22 +485,36 @@ def _evaluate_model(
     base: Mapping[str, SplitSamples] | None,
 ) -> dict[str, Any]:
     """Sample, score and embed one model; write its eval folder; return its eval.json dict."""
+    log.info("evaluating %s of %s", tag, ev.run.workdir)
+    return _write_model(ev, tag, sample_model(ev, trainable, splits), skipped, out, base)
+
+
+def _write_model(
+    ev: Evaluator,
+    tag: str,
+    samples: Mapping[str, SplitSamples],
+    skipped: Mapping[str, str],
+    out: epath.Path,
+    base: Mapping[str, SplitSamples] | None,
+) -> dict[str, Any]:
+    """Write one model's eval folder ``out/tag`` from its samples; return its eval.json dict."""
     run, c = ev.run, ev.run.config
-    log.info("evaluating %s of %s", tag, run.workdir)
-    samples = {split: ev.sample_split(trainable, split, p) for split, p in splits.items()}
     folder = out / tag
     folder.mkdir(parents=True, exist_ok=True)
     save_samples(folder / "samples.npz", samples)
     for split, s in samples.items():
-        write_grid(folder / f"grid_{split}.png", s.grid)
+        rows = len(s.grid)
+        write_grid(folder / f"grid_{split}.png", s.grid, list(s.prompts[:rows]))
         if base is not None:
-            write_grid(folder / f"compare_{split}.png", compare_grid(base[split].grid, s.grid))
+            pair = compare_grid(base[split].grid, s.grid)
+            write_grid(folder / f"compare_{split}.png", pair, compare_captions(s.prompts, rows))
     extra = run.extra if tag != BASE_TAG else {}
     result = {
         "workdir": str(run.workdir),
         "tag": tag,
         "step": None if tag == BASE_TAG else run.step,
         "base": tag == BASE_TAG,
+        "ema": run.ema and tag != BASE_TAG,
         "label": run_label(c.to_dict()),
         "algo": str(c.algo),
         "objective": objective_of(c),
@@ -416,10 +524,7 @@ def _evaluate_model(
         "unique_trajectories": extra.get("unique_trajectories", 0),
         "feature_model": ev.extractor.name,
         "settings": _settings(run, ev),
-        "splits": {
-            split: split_metrics(s, None if base is None else base[split])
-            for split, s in samples.items()
-        },
+        "splits": model_metrics(samples, base),
         "skipped": dict(skipped),
     }
     write_json(folder / "eval.json", result)
@@ -446,10 +551,13 @@ def evaluate(
     eta: float | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    ema: bool = False,
 ) -> dict[str, Any]:
     """Evaluate checkpoint ``step`` (None: the latest) or the base model; return eval.json's dict.
 
-    Writes ``out/<step>/`` or ``out/base/`` (``out`` defaults to ``workdir/eval``); see the
+    ``ema`` evaluates the checkpoint's EMA weights (``train.ema_decay`` > 0) into
+    ``out/<step>-ema/``. Writes ``out/<step>/`` or ``out/base/`` (``out`` defaults to
+    ``workdir/eval``); see the
     module docstring. ``prompts`` is "train", "test" or "both"; ``batch_size`` 0 uses the
     run's ``sample.chunk``; ``reward_options`` maps an extra reward's name to its options.
     """
@@ -457,10 +565,8 @@ def evaluate(
         raise ValueError(f"prompts must be train, test or both, got {prompts!r}")
     if num_per_prompt < 1:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
-    run = restore_run(workdir, step, restore=not base)
-    if eta is not None:
-        run.config.sample.eta = float(eta)
-    run.config.sample.group = 1  # every evaluation seed draws its own x_T
+    run = restore_run(workdir, step, restore=not base, ema=ema)
+    run = dataclasses.replace(run, config=evaluation_config(run.config, eta))
     wanted = SPLITS if prompts == "both" else (prompts,)
     all_splits, skipped = prompt_splits(run.config, test_prompts, max_prompts)
     splits = {s: all_splits[s] for s in wanted if all_splits[s]}
@@ -469,21 +575,14 @@ def evaluate(
         log.warning("skipping the %s split: %s", split, why)
     if not splits:
         raise ValueError(f"nothing to evaluate: {'; '.join(skipped.values())}")
-    extractor = load_feature_extractor(
-        feature_model or default_feature_model(str(run.config.model))
-    )
-    named_rewards = {str(run.config.reward.name): run.model.reward}
-    options = dict(reward_options or {})
-    for name in extra_rewards:
-        named_rewards.setdefault(name, rewards.get(name, **dict(options.get(name, {}))))
-    ev = Evaluator(
-        run=run,
-        phases=build_phases(run.model, run.config, run.tx),
-        extractor=extractor,
-        rewards=named_rewards,
+    ev = make_evaluator(
+        run,
         num_per_prompt=num_per_prompt,
         seed=seed,
-        batch_size=batch_size or int(run.config.sample.chunk),
+        extra_rewards=extra_rewards,
+        reward_options=reward_options,
+        feature_model=feature_model,
+        batch_size=batch_size,
         grid_prompts=grid_prompts,
         grid_seeds=grid_seeds,
         progress=progress,
@@ -497,15 +596,133 @@ def evaluate(
         base_samples = load_samples(out / BASE_TAG / "samples.npz")
     else:
         log.info("reusing the base model's samples in %s", out / BASE_TAG)
-    return _evaluate_model(ev, run.trainable, str(run.step), splits, skipped, out, base_samples)
+    tag = f"{run.step}-ema" if run.ema else str(run.step)
+    return _evaluate_model(ev, run.trainable, tag, splits, skipped, out, base_samples)
+
+
+# --------------------------------------------------------------------------- in the training loop
+
+
+class LoopEvaluator:
+    """The evaluation inside the training loop (``config.eval``), with ``evaluate``'s code.
+
+    Built once per run, before the first epoch (a split with no prompts, e.g. a prompt set
+    without a held-out split and no ``eval.test_prompts``, raises ConfigError then), when it
+    also takes the base model's samples (from ``initial``, before training donates it) and
+    keeps them in memory: read from ``workdir/eval/base`` when a run of ``python -m
+    dag_jax.eval`` (or an earlier stretch of this run) left them there with the same
+    settings, else sampled and written there, as ``evaluate`` would. Calling it with a
+    trainable tree returns (scalars, compare grids). Every process must build and call it
+    (sampling gathers the images); only process 0 writes.
+    """
+
+    def __init__(self, model, config, mesh, tx, initial: dict, workdir: str | os.PathLike):
+        e = config.eval
+        test_prompts = [str(p) for p in e.test_prompts] or None
+        wanted = SPLITS if e.prompts == "both" else (e.prompts,)
+        all_splits, skipped = prompt_splits(config, test_prompts, int(e.max_prompts))
+        self.splits = {s: all_splits[s] for s in wanted if all_splits[s]}
+        self.skipped = {s: why for s, why in skipped.items() if s in wanted}
+        if not self.splits:
+            raise ConfigError(
+                f"config.eval: nothing to evaluate ({'; '.join(self.skipped.values())}); set "
+                "eval.test_prompts or eval.prompts=train"
+            )
+        for split, why in self.skipped.items():
+            log.warning("eval in the loop skips the %s split: %s", split, why)
+        run = Run(workdir_path(workdir), evaluation_config(config), mesh, model, tx, initial)
+        self.ev = make_evaluator(
+            run,
+            num_per_prompt=int(e.num_per_prompt),
+            seed=int(e.seed),
+            feature_model=str(e.feature_model) or None,
+            batch_size=int(e.batch_size),
+            grid_prompts=int(e.grid_prompts),
+            grid_seeds=int(e.grid_seeds),
+            progress=False,
+        )
+        self.reward = str(config.reward.name)
+        self.base = self._base_samples()
+
+    def _base_samples(self) -> dict[str, SplitSamples]:
+        """Return the base model's samples: read if they fit, else taken and written."""
+        ev, run = self.ev, self.ev.run
+        out = run.workdir / EVAL_DIR
+        cached = _cached_base(out, _settings(run, ev), self.splits)
+        grid = lambda p: (min(ev.grid_prompts, len(p)), min(ev.grid_seeds, ev.num_per_prompt))
+        if cached is not None and all(
+            cached[s].grid.shape[:2] == grid(p) and self.reward in cached[s].rewards
+            for s, p in self.splits.items()
+        ):
+            log.info("eval: reusing the base model's samples in %s", out / BASE_TAG)
+            return {s: cached[s] for s in self.splits}
+        log.info("eval: sampling the base model")
+        base = sample_model(ev, run.initial, self.splits)
+        if jax.process_index() == 0:
+            _write_model(ev, BASE_TAG, base, self.skipped, out, None)
+        return base
+
+    def __call__(self, trainable: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Return ({"eval/<split>/<metric>": value}, {split: compare grid}) of ``trainable``.
+
+        Metrics (the run's reward): ``reward_mean``, ``reward_std``, ``base_reward_mean``,
+        ``reward_change`` and ``reward_change_se`` (paired with the base model, the standard
+        error over prompts), ``pairwise``, ``vendi``, ``frechet_to_base`` (NaN where eval.json
+        has null). Grids are (2·prompts, seeds, H, W, 3) uint8: base row above current row.
+        """
+        base = self.base
+        samples = sample_model(self.ev, trainable, self.splits)
+        return loop_scalars(model_metrics(samples, base), self.reward), {
+            split: compare_grid(base[split].grid, s.grid) for split, s in samples.items()
+        }
+
+
+def loop_scalars(splits: Mapping[str, Any], reward: str) -> dict[str, float]:
+    """Return the ``eval/<split>/<metric>`` scalars of eval.json's "splits" (see LoopEvaluator)."""
+    nan = lambda v: float("nan") if v is None else float(v)
+    out = {}
+    for split, m in splits.items():
+        r, d = m["rewards"][reward], m["diversity"]
+        change = r.get("change")
+        values = {
+            "reward_mean": r["mean"],
+            "reward_std": r["std"],
+            "base_reward_mean": None if change is None else r["mean"] - change,
+            "reward_change": change,
+            "reward_change_se": r.get("change_se"),
+            "pairwise": d["pairwise"],
+            "vendi": d["vendi"],
+            "frechet_to_base": m["frechet_to_base"],
+        }
+        out.update({f"eval/{split}/{k}": nan(v) for k, v in values.items()})
+    return out
 
 
 def summary_lines(result: Mapping[str, Any]) -> list[str]:
-    """Return human-readable lines of an eval.json dict (one per split and reward)."""
+    """Return human-readable lines of an eval.json dict: per reward and split the base and
+    trained means and the paired change ± its standard error (for a checkpoint; the base model
+    alone: mean ± std over images), then the diversity of each split."""
     lines = [f"{result['tag']} ({result['label']}) of {result['workdir']}"]
-    for split, m in result["splits"].items():
-        for name, r in m["rewards"].items():
-            lines.append(f"  {split:5s} {name}: {r['mean']:.4g} ± {r['std']:.4g}")
+    splits = result["splits"]
+    names = list(dict.fromkeys(name for m in splits.values() for name in m["rewards"]))
+    for name in names:
+        rows = [(split, m["rewards"][name]) for split, m in splits.items() if name in m["rewards"]]
+        if not any(r.get("change") is not None for _, r in rows):
+            lines.append(f"  {name} (mean ± std over images):")
+            lines += [f"    {s:5s} {r['mean']:.4g} ± {r['std']:.4g}" for s, r in rows]
+            continue
+        lines.append(f"  {name}: base -> trained, change ± SE (paired: same prompts and noise)")
+        for split, r in rows:
+            change, se = r.get("change"), r.get("change_se")
+            if change is None:
+                lines.append(f"    {split:5s} trained {r['mean']:.4g} (no paired base samples)")
+                continue
+            se_text = "n/a" if se is None else f"{se:.2g}"
+            lines.append(
+                f"    {split:5s} {r['mean'] - change:.4g} -> {r['mean']:.4g}   "
+                f"{change:+.4g} ± {se_text}"
+            )
+    for split, m in splits.items():
         d = m["diversity"]
         pairwise = "n/a" if d["pairwise"] is None else f"{d['pairwise']:.4g}"
         fd = m["frechet_to_base"]
@@ -526,6 +743,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "the training run's folder")
     flags.DEFINE_integer("step", None, "checkpoint epoch to evaluate (default: the latest)")
     flags.DEFINE_bool("base", False, "evaluate the base model (no LoRA) instead")
+    flags.DEFINE_bool("ema", False, "evaluate the checkpoint's EMA weights (train.ema_decay > 0)")
     flags.DEFINE_enum("prompts", "both", ["train", "test", "both"], "prompt splits")
     flags.DEFINE_integer("num_per_prompt", 4, "images (seeds) per prompt")
     flags.DEFINE_integer("seed", 0, "evaluation seed (the same noise for every checkpoint)")
@@ -575,6 +793,7 @@ def main(argv) -> None:
             grid_seeds=f.grid_seeds,
             eta=f.eta,
             out=f.out,
+            ema=f.ema,
         )
     except (FileNotFoundError, ValueError, ConfigError, rewards.RewardError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -3,6 +3,7 @@
 Everything goes under the run's workdir (a str or any ``etils.epath`` path, ``gs://`` too)::
 
     workdir/metrics.jsonl                     one JSON object per logged step
+    workdir/metrics_superseded.jsonl          records of steps a resumed run redid
     workdir/events.out.tfevents.*             TensorBoard scalars and images
     workdir/samples/{name}_{step:06d}.png     image grids
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS_FILE",
     "SAMPLES_DIR",
+    "SUPERSEDED_FILE",
     "MetricsWriter",
     "ProgressLine",
     "format_duration",
@@ -65,6 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+#: Records of steps after the checkpoint a run resumed from (``MetricsWriter.truncate_after``).
+SUPERSEDED_FILE = "metrics_superseded.jsonl"
 SAMPLES_DIR = "samples"
 
 
@@ -323,25 +327,39 @@ class MetricsWriter:
         return path
 
     def truncate_after(self, step: int) -> int:
-        """Drop ``metrics.jsonl`` records with a step after ``step``; return how many.
+        """Move ``metrics.jsonl`` records with a step after ``step`` to a side file; return how
+        many.
 
         Call it when resuming from a checkpoint of ``step``: the records of the steps that
-        will be redone (logged after that checkpoint, before the run stopped) go away.
-        Unreadable lines are dropped too. The file is rewritten whole (see the module doc).
+        will be redone (logged after that checkpoint, before the run stopped, and held by no
+        checkpoint) leave ``metrics.jsonl`` for ``metrics_superseded.jsonl``, appended there
+        as they were (unreadable lines too), so nothing logged is ever lost. The side file is
+        written before ``metrics.jsonl``: a crash in between leaves a record in both, never
+        in neither. Both are rewritten whole (see the module doc).
         """
         if not self.active:
             return 0
-        kept = []
+        kept, moved = [], []
         for line in self._lines:
             record = _parse_line(line)
             if record is not None and int(record.get("step", 0)) <= step:
                 kept.append(line)
-        dropped = len(self._lines) - len(kept)
-        if dropped:
+            else:
+                moved.append(line)
+        if moved:
+            side = self.workdir / SUPERSEDED_FILE
+            old = side.read_bytes().decode("utf-8", errors="replace") if side.exists() else ""
+            earlier = [line for line in old.splitlines() if line.strip()]
+            _write_whole(side, "".join(f"{line}\n" for line in [*earlier, *moved]).encode())
             self._lines = kept
             self._write_metrics()
-            log.info("Dropped %d metrics record(s) after step %d.", dropped, step)
-        return dropped
+            log.info(
+                "Moved %d metrics record(s) after step %d (epochs the resumed run redoes) to %s.",
+                len(moved),
+                step,
+                side,
+            )
+        return len(moved)
 
     def _write_metrics(self) -> None:
         """Write ``metrics.jsonl`` anew from the lines in memory."""

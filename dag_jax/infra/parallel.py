@@ -2,8 +2,10 @@
 
 One ``Mesh`` with axes ("data", "fsdp") serves every phase: batches are split over both axes
 (every device holds different samples), frozen base weights are sharded over "fsdp" on their
-largest divisible axis, and small trees are replicated. Everything here is a small function of
-a mesh and array shapes, so ``train.py`` states its layout in a few lines.
+largest divisible axis, and small trees are replicated. A trained tree is laid out by a
+``TreeLayout``: replicated (a LoRA), or sharded like the frozen weights (a fully fine-tuned UNet
+and its optimizer state). Everything here is a small function of a mesh and array shapes, so
+``train.py`` states its layout in a few lines.
 
 Randomness never depends on the mesh: a sample's keys come from its *global* index
 (``global_indices`` / ``process_indices``), so any mesh shape and process count draws the same
@@ -12,6 +14,7 @@ trajectories.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -147,6 +150,48 @@ def fsdp_shardings(mesh: Mesh, tree: Any, min_size: int = DEFAULT_MIN_SHARD_SIZE
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(_shape(x), fsdp_size, min_size)), tree
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLayout:
+    """Where a tree of trained arrays lives on a mesh: FSDP-sharded, or replicated.
+
+    ``fsdp=True`` puts every leaf on the "fsdp" axis by ``fsdp_spec`` (its largest axis that
+    the fsdp size divides; leaves under ``min_size`` elements stay whole), as the frozen
+    weights are; ``fsdp=False`` replicates every leaf. Without a mesh (abstract programs built
+    elsewhere) ``constrain`` leaves its tree alone and ``shardings`` raises.
+    """
+
+    mesh: Mesh | None = None
+    fsdp: bool = False
+    min_size: int = DEFAULT_MIN_SHARD_SIZE
+
+    def shardings(self, tree: Any) -> Any:
+        """Return the NamedSharding of every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+        if self.mesh is None:
+            raise ValueError("TreeLayout without a mesh has no shardings")
+        if self.fsdp:
+            return fsdp_shardings(self.mesh, tree, self.min_size)
+        rep = replicated(self.mesh)
+        return jax.tree.map(lambda _: rep, tree)
+
+    def put(self, tree: Any) -> Any:
+        """Return ``tree`` as global arrays laid out by ``shardings`` (see ``put``)."""
+        return put(tree, self.shardings(tree))
+
+    def constrain(self, tree: Any) -> Any:
+        """Return ``tree`` (inside jit) constrained to FSDP shardings; as is when replicated.
+
+        What a jitted step applies to the gradients, parameters and optimizer state it
+        returns, so each device keeps only its shard (the gradient sum is reduce-scattered).
+        """
+        if self.mesh is None or not self.fsdp:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, self.shardings(tree))
+
+    def abstract(self, tree: Any) -> Any:
+        """Return ShapeDtypeStructs of ``tree`` carrying this layout's shardings."""
+        return abstract(tree, self.shardings(tree))
 
 
 def put(tree: Any, shardings: Any) -> Any:

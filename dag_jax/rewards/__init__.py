@@ -27,6 +27,8 @@ _FACTORIES: dict[str, str] = {
     "hpsv2": "dag_jax.rewards.clipscore:hpsv2",
     "tiny_clipscore": "dag_jax.rewards.clipscore:tiny_clipscore",
     "imagereward": "dag_jax.rewards.imagereward:imagereward",
+    "pickscore": "dag_jax.rewards.pickscore:pickscore",
+    "mix": "dag_jax.rewards.mix:mix",
     "bertscore": "dag_jax.rewards.captioning:bertscore",
 }
 

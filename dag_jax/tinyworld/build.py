@@ -9,6 +9,10 @@ whose text encoder is stage 2's CLIP text tower), and measures them (``report.js
 workdir): the judge's zero-shot accuracy on fresh images of both splits and the SD's prompt
 alignment judged by it. Finished stages are kept in the workdir and
 reused when the command is run again (``--restart`` retrains everything).
+
+``--data=tiny_shapes/scenes --data_dir=DIR`` trains every stage on that prepared TFDS dataset
+(``python -m dag_jax.tinyworld.tfds_dataset --data_dir=DIR`` writes it) instead of the
+procedural stream; measuring still uses fresh procedural scenes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dag_jax.infra import cpu_tuning
+from dag_jax.infra.captions import captioned_grid
 from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dag_jax.models.vae import AutoencoderKL, VAEConfig
 from dag_jax.tinyworld import bpe, models, pretrain, shapes
@@ -91,6 +96,7 @@ def _param_shapes(module) -> dict:
 
 def build_world(work: Path, recipe: pretrain.Recipe, restart: bool = False) -> dict:
     """Run (or reuse) every stage in ``work``; return the parts for writing and measuring."""
+    pretrain.examples(recipe)  # a TFDS dataset is opened and checked before anything compiles
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tok = _tokenizer_stage(work, restart)
@@ -218,11 +224,15 @@ def clipscore(module, params, tok: pretrain.Tokenizer, images_u8, prompts) -> fl
     return float(jnp.mean(jnp.sum(l2_normalize(img) * l2_normalize(txt), axis=-1)))
 
 
-def sample_grid(images_u8: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Return a (rows·64, cols·64, 3) grid of the first rows·cols images, row-major."""
-    h, w = images_u8.shape[1:3]
-    grid = images_u8[: rows * cols].reshape(rows, cols, h, w, 3)
-    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
+def sample_grid(
+    images_u8: np.ndarray, rows: int, cols: int, captions: list[str] | None = None, scale: int = 2
+) -> np.ndarray:
+    """Return a grid of the first rows·cols images, row-major, each pixel repeated ``scale``×,
+    each image over its caption (``captions``: one per image; ``dag_jax.infra.captions``)."""
+    n = rows * cols
+    images = np.asarray(images_u8[:n]).repeat(scale, axis=1).repeat(scale, axis=2)
+    cells = None if captions is None else [str(c) for c in captions[:n]]
+    return captioned_grid(images, rows=rows, cell_captions=cells, max_lines=3)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -239,6 +249,13 @@ def define_flags() -> None:
     flags.DEFINE_float("scale", 1.0, "multiply every stage's steps (tests use tiny values)")
     flags.DEFINE_bool("restart", False, "retrain every stage even if the workdir has it")
     flags.DEFINE_bool("measure", True, "measure the written world (report.json, grid)")
+    flags.DEFINE_string(
+        "data",
+        "",
+        "a prepared TFDS scenes dataset to train on (e.g. tiny_shapes/scenes); "
+        "empty: the procedural stream",
+    )
+    flags.DEFINE_string("data_dir", "", "the TFDS data_dir of --data (default: TFDS's own)")
     cpu_tuning.define_flag()
 
 
@@ -250,7 +267,7 @@ def main(argv) -> None:
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cpu_tuning.apply_if_requested(f.cpu_tuning)
-    recipe = pretrain.Recipe(seed=f.seed).scaled(f.scale)
+    recipe = pretrain.Recipe(seed=f.seed, data=f.data, data_dir=f.data_dir).scaled(f.scale)
     log.info("recipe %s on %s", dataclasses.asdict(recipe), jax.devices()[0].platform)
     work, out = Path(f.workdir), Path(f.out)
     t0 = time.time()
@@ -262,8 +279,9 @@ def main(argv) -> None:
         return
     report = measure(sd_path, clip_path, f.seed)
     samples = report.pop("samples")
-    images, _ = samples["test"]
-    Image.fromarray(sample_grid(images[::4], 5, 9)).save(work / "samples_test.png")
+    images, prompts = samples["test"]
+    grid = sample_grid(images[::4], 5, 9, list(prompts[::4]))
+    Image.fromarray(grid).save(work / "samples_test.png")
     report["pretrain_seconds"] = seconds
     report["recipe"] = dataclasses.asdict(recipe)
     files = [p for d in (clip_path, sd_path) for p in d.rglob("*") if p.is_file()]

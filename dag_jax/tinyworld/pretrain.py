@@ -23,12 +23,15 @@ caption set makes kind and count the only way to lower the loss once colour is k
 
 Every stage draws its examples from ``shapes.batch`` with its own stream seed, so a recipe and a
 seed give the same weights on the same software (XLA may differ across machines in the last
-bits). ``python -m dag_jax.tinyworld`` runs all stages and writes the shipped folders.
+bits). With ``Recipe.data`` set, the stages read a prepared TFDS dataset instead (``examples``;
+``tinyworld/tfds_dataset.py``), each stream a fresh order of it per pass.
+``python -m dag_jax.tinyworld`` runs all stages and writes the shipped folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -77,6 +80,10 @@ class Recipe:
     judge_lr: float = 1e-3
     warmup: int = 200
     log_every: int = 100
+    # where examples come from: "" the procedural stream (shapes.batch, the shipped weights);
+    # else a prepared TFDS scenes dataset (e.g. "tiny_shapes/scenes") in ``data_dir``
+    data: str = ""
+    data_dir: str = ""
 
     def scaled(self, factor: float) -> Recipe:
         """Return the recipe with every stage's steps (and the latent pool) times ``factor``.
@@ -121,6 +128,24 @@ class Tokenizer:
             return_tensors="np",
         )
         return np.asarray(out["input_ids"], np.int32)
+
+
+def examples(recipe: Recipe) -> Callable[..., tuple[np.ndarray, list[str], dict]]:
+    """Return the ``batch(seed, start, n, split)`` the stages draw from (see ``shapes.batch``).
+
+    ``recipe.data`` "" → the procedural stream; else ``tfds_dataset.Scenes`` of that prepared
+    TFDS dataset (opened, and checked, once per recipe).
+    """
+    if not recipe.data:
+        return shapes.batch
+    return _scenes(recipe.data, recipe.data_dir).batch
+
+
+@functools.cache
+def _scenes(dataset: str, data_dir: str):
+    from dag_jax.tinyworld import tfds_dataset
+
+    return tfds_dataset.Scenes(dataset, data_dir)
 
 
 def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
@@ -212,9 +237,10 @@ def train_clip(recipe: Recipe, tok: Tokenizer) -> tuple[dict, dict]:
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
+    batch = examples(recipe)
     t0 = time.time()
     for i in range(recipe.clip_steps):
-        images, _, labels = shapes.batch(
+        images, _, labels = batch(
             recipe.stream(_CLIP_STREAM), i * recipe.clip_batch, recipe.clip_batch
         )
         params, opt, loss = step(params, opt, images, labels["caption"])
@@ -222,17 +248,19 @@ def train_clip(recipe: Recipe, tok: Tokenizer) -> tuple[dict, dict]:
     return config, jax.device_get(params)
 
 
-def judge_batch(seed: int, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def judge_batch(
+    seed: int, step: int, n: int, batch: Callable = shapes.batch
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (images, caption labels) of step ``step``: both splits, in proportion to triples.
 
     The test split's share is its share of all triples (at least one image), so every
-    caption of ``all_captions()`` is drawn about equally often.
+    caption of ``all_captions()`` is drawn about equally often. ``batch``: see ``examples``.
     """
     n_train, n_test = (len(shapes.triples(split)) for split in shapes.SPLITS)
     share = n_test / (n_train + n_test)
     n_test = max(1, round(n * share))
     parts = [
-        shapes.batch(seed, step * size, size, split)
+        batch(seed, step * size, size, split)
         for split, size in (("train", n - n_test), ("test", n_test))
     ]
     images = np.concatenate([p[0] for p in parts])
@@ -269,9 +297,10 @@ def train_judge(recipe: Recipe, tok: Tokenizer, config: dict, params: dict) -> t
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
+    batch = examples(recipe)
     t0 = time.time()
     for i in range(recipe.judge_steps):
-        images, labels = judge_batch(recipe.stream(_JUDGE_STREAM), i, recipe.judge_batch)
+        images, labels = judge_batch(recipe.stream(_JUDGE_STREAM), i, recipe.judge_batch, batch)
         params, opt, loss = step(params, opt, images, labels)
         _log_progress("judge", i + 1, recipe.judge_steps, float(loss), t0, recipe.log_every)
     return config, jax.device_get(params)
@@ -323,15 +352,14 @@ def train_vae(recipe: Recipe) -> tuple[dict, dict]:
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, rec
 
+    batch = examples(recipe)
     t0 = time.time()
     for i in range(recipe.vae_steps):
-        images, _, _ = shapes.batch(
-            recipe.stream(_VAE_STREAM), i * recipe.vae_batch, recipe.vae_batch
-        )
+        images, _, _ = batch(recipe.stream(_VAE_STREAM), i * recipe.vae_batch, recipe.vae_batch)
         params, opt, rec = step(params, opt, images, jax.random.fold_in(key, i))
         _log_progress("vae", i + 1, recipe.vae_steps, float(rec), t0, recipe.log_every)
     params = jax.device_get(params)
-    images, _, _ = shapes.batch(recipe.stream(_EVAL_STREAM), 0, 512)
+    images, _, _ = batch(recipe.stream(_EVAL_STREAM), 0, 512)
     means = encode_means(module, params, images)
     config["scaling_factor"] = round(float(1.0 / np.std(means)), 5)
     return config, params
@@ -371,7 +399,7 @@ def train_unet(
     captions = shapes.all_captions()
     context = jnp.asarray(text_encoder(jnp.asarray(tok.ids(captions + ("",)))))
     empty = len(captions)
-    images, _, labels = shapes.batch(recipe.stream(_UNET_STREAM), 0, recipe.latent_pool)
+    images, _, labels = examples(recipe)(recipe.stream(_UNET_STREAM), 0, recipe.latent_pool)
     post = jax.jit(
         lambda p, x: (
             vae_module.apply({"params": p}, vae_input(x), method=vae_module.encode).latent_dist

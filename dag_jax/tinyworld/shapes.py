@@ -6,8 +6,9 @@
 A scene is one kind of shape (circle, square, triangle), drawn ``count`` times (1–3) in one
 colour, at random non-overlapping positions and sizes, on a background of another colour.
 Example ``i`` of a seed is a pure function of (seed, split, i): batches are reproducible and
-independent of how the stream is cut. This is a plain NumPy generator (no TFDS builder): the
-whole dataset is a few lines of rendering, so a TFDS dependency would buy nothing.
+independent of how the stream is cut. This is a plain NumPy generator; ``tfds_dataset`` offers
+a finite sample of it (and every caption) as a TensorFlow Datasets dataset, for pipelines that
+read their data through TFDS.
 
 Split: the (colour, kind, background) triples are split once, by a fixed hash, into train and
 held-out triples (``HELD_OUT_FRACTION``). Test scenes and test captions use held-out triples

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+import sys
+from pathlib import Path
 
 import jax
 
@@ -44,8 +47,11 @@ def main(argv) -> None:
     del argv
     console.configure(flags.FLAGS.verbosity)
     cpu_tuning.apply_if_requested(flags.FLAGS.cpu_tuning)
+    try:  # --config.algo=X: X's release settings; the config file loads here
+        cfg = configs.from_flag(flags.FLAGS["config"])
+    except Exception as err:  # noqa: BLE001 - a missing config file, a bad argument: one line
+        raise SystemExit(f"error: {flag_error(sys.argv, err)}") from None
     try:
-        cfg = configs.from_flag(flags.FLAGS["config"])  # --config.algo=X: X's release settings
         state = train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS.allow_config_change)
     except Preempted as err:
         print(f"stopped: {err}", flush=True)
@@ -82,12 +88,64 @@ def summary(workdir: str, epochs: int) -> str:
     return "\n".join(lines)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse the command line; a bad flag, config file, argument or key ends the process with
+    one line (``flag_error``) instead of a traceback."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+    except Exception as err:  # noqa: BLE001 - absl, ml_collections and the config files' errors
+        raise SystemExit(f"error: {flag_error(argv, err)}") from None
+    problems = [p for p in map(config_file_problem, argv[1:]) if p]
+    if problems:  # ml_collections reads the file only on first use
+        raise SystemExit(f"error: {problems[0]}")
+    return rest
+
+
+def config_file_problem(arg: str) -> str:
+    """Return what is wrong with the config file of a ``--config=FILE[:ARG]`` argument, or ""."""
+    from dag_jax.configs import NAMES, ROOT
+    from dag_jax.configs.base import did_you_mean
+
+    if not arg.startswith("--config="):
+        return ""
+    path = arg[len("--config=") :].partition(":")[0]
+    if not path or Path(path).expanduser().is_file() or Path(path).stem in NAMES:
+        return ""
+    packaged = [f"configs/{n}.py" for n in NAMES if (ROOT / f"{n}.py").is_file()]
+    return f"no config file {path!r}{did_you_mean(path, packaged)}"
+
+
+def flag_error(argv: list[str], err: BaseException) -> str:
+    """Return one line saying what is wrong with the command line ``argv`` that raised ``err``.
+
+    A ``--config.KEY`` that is no config key is named with the closest key; a config file that
+    does not exist with the closest packaged config; anything else by the last line of the
+    error (the config files' own errors already end in "did you mean").
+    """
+    from dag_jax.configs.base import did_you_mean
+    from dag_jax.train.config import default_config, flat_keys
+
+    known = set(flat_keys(default_config()))
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].partition("=")[0]
+            if key not in known and not key.startswith("reward.options."):
+                return f"unknown config key {key!r} in {arg}{did_you_mean(key, known)}"
+        if config_file_problem(arg):
+            return config_file_problem(arg)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", last)
+
+
 def cli() -> None:
-    """Console entry point: parse the flags and run ``main``."""
+    """Console entry point: parse the flags (one line for a bad one) and run ``main``."""
     from absl import app
 
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ B2_OBJECTIVES = ("ddpo", "dag_db", "dag_kl")
 DAG_BASELINES = ("rows", "step")
 FL_SOURCES = ("current", "sampling")
 B2_BASELINES = ("prompt", "prefix")
+TRAINABLES = ("lora", "unet")  # train.trainable: a LoRA on a frozen UNet, or the whole UNet
 
 
 class ConfigError(ValueError):
@@ -61,19 +62,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.algo not in ALGOS:
         hint = base.did_you_mean(config.algo, ALGOS)
         raise ConfigError(f"config.algo must be one of {ALGOS}, got {config.algo!r}{hint}")
-    if config.b2.objective not in B2_OBJECTIVES:
-        raise ConfigError(f"config.b2.objective must be one of {B2_OBJECTIVES}")
+    check_choice(config, "b2.objective", B2_OBJECTIVES)
     if config.reward.name not in rewards.names():
         hint = base.did_you_mean(config.reward.name, rewards.names())
         raise ConfigError(
             f"unknown reward {config.reward.name!r}{hint}; known: {', '.join(rewards.names())}"
         )
-    model = str(config.model)
-    if model not in ("random-tiny", "tiny") and (
-        model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
-    ):
-        if not Path(model).expanduser().exists():
-            raise ConfigError(f"config.model: no such folder {model!r}")
+    if config.reward.name == "mix":  # a mix's parts, weights and option keys, before building
+        from dag_jax.rewards import mix
+
+        try:
+            mix.check_options(config.reward.options)
+        except rewards.RewardError as err:
+            raise ConfigError(f"config.reward.options: {err}") from err
+    # the model, prompt and reward files: train.inputs.check_inputs, all at once
     c = config
     check_ranges(c)
     _divides("sample.chunk", c.sample.chunk, "the device count", num_devices)
@@ -96,16 +98,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "train.trajectories_per_step",
             c.train.trajectories_per_step,
         )
-    if c.b2.baseline not in B2_BASELINES:
-        raise ConfigError(f"config.b2.baseline must be one of {B2_BASELINES}")
-    if c.dag.baseline not in DAG_BASELINES:
-        raise ConfigError(f"config.dag.baseline must be one of {DAG_BASELINES}")
-    if c.dag.fl_source not in FL_SOURCES:
-        raise ConfigError(
-            f"config.dag.fl_source must be one of {FL_SOURCES}, got {c.dag.fl_source!r}"
-        )
-    if c.ddpo.group_scale not in GROUP_SCALES:
-        raise ConfigError(f"config.ddpo.group_scale must be one of {GROUP_SCALES}")
+    if c.algo == "grpo":
+        check_grpo(c)
+    check_trainable(c)
+    check_prompts(c)
+    check_choice(c, "b2.baseline", B2_BASELINES)
+    check_choice(c, "dag.baseline", DAG_BASELINES)
+    check_choice(c, "dag.fl_source", FL_SOURCES)
+    check_choice(c, "ddpo.group_scale", GROUP_SCALES)
     if objective_of(c) == "dag_kl" or step_baseline(c):
         if c.dag.baseline_group < 2:
             raise ConfigError(f"dag.baseline_group must be >= 2, got {c.dag.baseline_group}")
@@ -138,11 +138,41 @@ SIZES = (
     "lora.rank",
     "checkpoint.every_epochs",
     "checkpoint.max_to_keep",
+    "mesh.min_shard_size",
 )
 SAMPLER_SIZES = ("sample.trajectories",)  # every algo but B² (its sizes are b2.*)
 B2_SIZES = ("b2.prefixes", "b2.branches", "b2.stages", "b2.passes")
 LEARNING_RATES = ("train.learning_rate", "train.flow_learning_rate")
 GRID_SIZES = ("log.grid_prompts", "log.grid_seeds")
+
+
+def check_prompts(c: ml_collections.ConfigDict) -> None:
+    """Check the prompt source keys: a ``tfds:`` name's syntax and field; no stray tfds keys."""
+    from dag_jax.data import PromptError
+    from dag_jax.data import tfds as tfds_source
+
+    name = str(c.prompts.name)
+    if tfds_source.is_tfds_name(name):
+        try:
+            tfds_source.parse_name(name)
+        except PromptError as err:
+            raise ConfigError(f"config.prompts.name: {err}") from err
+        if not str(c.prompts.field).strip():
+            raise ConfigError(
+                f"config.prompts.field must name the text feature of {name!r} (e.g. 'prompt', "
+                "or 'meta/text' for a nested one)"
+            )
+        if c.prompts.root:
+            raise ConfigError(
+                "config.prompts.root is not read for tfds: prompt sources; set "
+                "config.prompts.data_dir to their TFDS data_dir"
+            )
+        return
+    for key in ("field", "data_dir"):
+        if c.prompts.get(key):
+            raise ConfigError(
+                f"config.prompts.{key} is only read for 'tfds:' prompt sources, not {name!r}"
+            )
 
 
 def check_ranges(c: ml_collections.ConfigDict) -> None:
@@ -167,6 +197,90 @@ def check_ranges(c: ml_collections.ConfigDict) -> None:
             _in_range(key, _get(c, key), 1, "while log.grid_every_epochs > 0")
         else:
             _in_range(key, _get(c, key), 0)
+    check_ema_and_eval(c)
+
+
+EVAL_PROMPTS = ("train", "test", "both")
+
+
+def check_ema_and_eval(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the key of a bad ``train.ema_decay`` or ``eval.*`` value."""
+    decay = c.train.ema_decay
+    if not (_is_number(decay) and math.isfinite(decay) and 0 <= decay < 1):
+        raise ConfigError(
+            f"config train.ema_decay={decay!r} is out of range: it must be a number in [0, 1) "
+            "(0: no EMA; e.g. 0.99)"
+        )
+    e = c.eval
+    _in_range("eval.every_epochs", e.every_epochs, 0, "(0: no evaluation in the loop)")
+    _in_range("eval.num_per_prompt", e.num_per_prompt, 1)
+    _in_range("eval.seed", e.seed, 0)
+    for key in ("eval.max_prompts", "eval.batch_size"):
+        _in_range(key, _get(c, key), 0)
+    for key in ("eval.grid_prompts", "eval.grid_seeds"):
+        _in_range(key, _get(c, key), 1)
+    if e.prompts not in EVAL_PROMPTS:
+        hint = base.did_you_mean(e.prompts, EVAL_PROMPTS)
+        raise ConfigError(
+            f"config eval.prompts must be one of {EVAL_PROMPTS}, got {e.prompts!r}{hint}"
+        )
+    if isinstance(e.test_prompts, str) or not all(isinstance(p, str) for p in e.test_prompts):
+        raise ConfigError(
+            f"config eval.test_prompts must be a tuple of prompt strings, got {e.test_prompts!r}"
+        )
+    if not isinstance(e.feature_model, str):
+        raise ConfigError(f"config eval.feature_model must be a string, got {e.feature_model!r}")
+    if e.ema and not decay > 0:
+        raise ConfigError("config eval.ema=True evaluates the EMA weights: set train.ema_decay > 0")
+
+
+def check_grpo(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the ``grpo.*`` key that cannot work (``algo=grpo``)."""
+    g = c.grpo
+    _in_range("grpo.group", g.group, 2, "(a group of 1 has no spread: every advantage is 0)")
+    _divides("sample.trajectories", c.sample.trajectories, "grpo.group", g.group)
+    for key in ("grpo.clip_range", "grpo.adv_clip"):
+        value = _get(c, key)
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"config {key}={value!r} is out of range: it must be a number > 0")
+    if not (_is_number(g.kl) and math.isfinite(g.kl) and g.kl >= 0):
+        raise ConfigError(f"config grpo.kl={g.kl!r} is out of range: it must be a number >= 0")
+    if g.kl > 0 and c.sample.eta == 0:
+        raise ConfigError(
+            f"config grpo.kl={g.kl} needs sample.eta > 0: with η = 0 the DDIM step is "
+            "deterministic (σ_t = 0) and has no KL to the reference; set grpo.kl=0 or eta > 0"
+        )
+
+
+def check_trainable(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for an unknown ``train.trainable`` or one its objective cannot use."""
+    value = c.train.trainable
+    if value not in TRAINABLES:
+        hint = base.did_you_mean(value, TRAINABLES)
+        raise ConfigError(
+            f"config train.trainable must be one of {TRAINABLES}, got {value!r}{hint}"
+        )
+    if value == "unet" and c.algo == "grpo" and c.grpo.kl > 0:
+        raise ConfigError(
+            f"config grpo.kl={c.grpo.kl} with train.trainable='unet': the KL's reference is the "
+            "base UNet, which a full fine-tune does not keep beside the trained one (it would "
+            "cost one more UNet, sharded like the frozen weights); set grpo.kl=0 or "
+            "train.trainable='lora'"
+        )
+
+
+def trains_unet(c) -> bool:
+    """Return whether the whole UNet trains (``train.trainable`` = "unet"), not a LoRA."""
+    return c.train.trainable == "unet"
+
+
+def check_choice(c: ml_collections.ConfigDict, key: str, choices) -> None:
+    """Raise ConfigError naming ``key``, its value, the choices and the closest one, unless the
+    value of the dotted ``key`` is one of ``choices``."""
+    value = _get(c, key)
+    if value not in choices:
+        hint = base.did_you_mean(value, choices)
+        raise ConfigError(f"config.{key} must be one of {tuple(choices)}, got {value!r}{hint}")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -231,11 +345,6 @@ def check_workdir(workdir: str | os.PathLike) -> None:
             break
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not Path(model).exists()
-
-
 def _divides(name: str, value: int, what: str, by: int) -> None:
     if by <= 0 or value <= 0 or value % by:
         raise ConfigError(f"config {name}={value} is not divisible by {what} ({by})")
@@ -249,6 +358,17 @@ def step_baseline(c) -> bool:
 def trajectory_group(c) -> int:
     """Return how many consecutive trajectories of an epoch share prompt and x_T (or prefix)."""
     return c.b2.branches if c.algo == "b2" else c.sample.group
+
+
+def noise_group(c) -> int:
+    """Return how many consecutive trajectories of a sampling call share their initial x_T.
+
+    ``sample.group``; GRPO: ``grpo.group`` when ``grpo.share_noise``, else 1. Evaluation
+    sets ``sample.group`` = 1 and ``grpo.share_noise`` = False (every seed its own x_T).
+    """
+    if c.algo == "grpo":
+        return c.grpo.group if c.grpo.share_noise else 1
+    return c.sample.group
 
 
 def objective_of(c) -> str:

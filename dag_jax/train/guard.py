@@ -46,6 +46,9 @@ MAY_CHANGE = (
     "attention",
     "remat",
     "prompts.root",
+    "prompts.data_dir",  # where the same TFDS prompts are stored
+    "eval.*",  # evaluation in the loop reads the weights, never changes them
+    "train.ema_decay",  # the EMA follows the weights; a checkpoint without one starts it there
 )
 
 

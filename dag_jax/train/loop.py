@@ -34,24 +34,47 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dag_jax.algos import dag
-from dag_jax.infra import parallel
-from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.infra import console, parallel
+from dag_jax.infra.captions import captioned_grid, compare_captions
+from dag_jax.infra.checkpoint import Checkpointer, NoUsableCheckpointError
 from dag_jax.infra.metrics import MetricsWriter, ProgressLine
 from dag_jax.train import guard, objectives
 from dag_jax.train.collect import Collected
 from dag_jax.train.config import check_workdir, validate
+from dag_jax.train.inputs import check_inputs
 from dag_jax.train.phases import Context, build_phases
-from dag_jax.train.run import init_trainable, load_model, make_tx, put_batch
-from dag_jax.train.state import TrainState
+from dag_jax.train.run import (
+    init_opt_state,
+    init_trainable,
+    load_model,
+    make_tx,
+    put_batch,
+    without_frozen_unet,
+)
+from dag_jax.train.state import TrainState, restore_arrays
 from dag_jax.train.update import train_epoch
-from dag_jax.train.workdir import CHECKPOINT_DIR, check_writable
+from dag_jax.train.workdir import CHECKPOINT_DIR, UnusableCheckpointsError, check_writable
 
 log = logging.getLogger("dag_jax.train")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, the convention for "stopped by SIGTERM"
+PHASE_NAMES = {  # what the log calls the compiled phases (others: their field name)
+    "sample": "the sampler",
+    "prefix": "the B² prefix sampler",
+    "branches": "the B² branch sampler",
+    "fl_rewards": "the forward-looking rewards",
+    "grad_step": "the train step",
+    "grad_step_per_state": "the train step",
+    "state_flows": "the state flows",
+    "flow_grad": "the flow gradient",
+    "apply": "the optimizer update",
+    "grid": "the sample grid",
+    "reward": "the reward",
+}
 
 
 class Preempted(RuntimeError):
@@ -71,7 +94,8 @@ def num_epochs(config) -> int:
 
 
 def write_grid(ctx: Context, state: TrainState, writer: MetricsWriter) -> None:
-    """Write a sample grid of fixed prompts × seeds (η = 0) to the workdir."""
+    """Write a sample grid of fixed prompts × seeds (η = 0), each row captioned with its
+    prompt, to the workdir."""
     c, model, mesh = ctx.config, ctx.model, ctx.mesh
     p = min(c.log.grid_prompts, len(model.prompts))
     n = p * c.log.grid_seeds
@@ -79,7 +103,8 @@ def write_grid(ctx: Context, state: TrainState, writer: MetricsWriter) -> None:
     ids = put_batch(mesh, model.prompt_ids[pidx], batch_axis=False)
     idx = put_batch(mesh, np.arange(n, dtype=np.int32), batch_axis=False)
     images = parallel.gather(ctx.phases.grid(model.frozen, state.trainable, ids, idx))
-    writer.write_images(state.epoch, "grid", np.asarray(images), rows=p)
+    grid = captioned_grid(np.asarray(images), rows=p, row_captions=model.prompts[:p])
+    writer.write_images(state.epoch, "grid", grid)
 
 
 class SigtermFlag:
@@ -110,13 +135,18 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def run_epoch(ctx: Context, state: TrainState, key: jax.Array, stop) -> tuple:
-    """Return (the state after one epoch, its metrics record, whether it finished)."""
+def run_epoch(
+    ctx: Context, state: TrainState, key: jax.Array, stop, keep_input: bool = True
+) -> tuple:
+    """Return (the state after one epoch, its metrics record, whether it finished).
+
+    ``keep_input=False``: the updates may consume ``state``'s arrays (``train_epoch``).
+    """
     c, total, t0 = ctx.config, num_epochs(ctx.config), time.time()
     ekey = jax.random.fold_in(key, state.epoch)
     data, state = ctx.objective.collect(ctx, state, ekey)
     beta = dag.annealed_beta(c.dag.beta, state.epoch, total, c.dag.anneal_fraction)
-    state, updates, finished = train_epoch(ctx, state, data, beta, stop)
+    state, updates, finished = train_epoch(ctx, state, data, beta, stop, keep_input=keep_input)
     state = state.replace(
         epoch=state.epoch + 1,
         trajectories_seen=state.trajectories_seen + int(data.rewards.size),
@@ -138,6 +168,7 @@ def train_and_evaluate(
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     validate(config, mesh.size)
     check_workdir(workdir)
+    check_inputs(config)  # every missing model, prompt and reward file at once, nothing written
     # a local folder or a URL (gs://…), all through etils.epath; unwritable: an error right away
     workdir = check_writable(workdir)
     lead = jax.process_index() == 0
@@ -152,35 +183,54 @@ def run(config: ml_collections.ConfigDict, workdir, mesh) -> TrainState:
     if jax.process_index() == 0:
         guard.record_config(workdir, config)
     key = jax.random.key(config.seed)
-    # committed, replicated from the start: the arrays the jitted phases return look the same,
-    # so epoch 2 reuses epoch 1's programs instead of compiling them again
-    trainable = replicate(mesh, init_trainable(model, config, jax.random.fold_in(key, 1 << 31)))
+    # committed, laid out from the start (replicated; train.trainable=unet: FSDP-sharded): the
+    # arrays the jitted phases return look the same, so epoch 2 reuses epoch 1's programs
+    trainable = init_trainable(model, config, jax.random.fold_in(key, 1 << 31))
+    trainable = model.trainable_layout.put(trainable)
+    model = without_frozen_unet(model)  # a trained UNet lives in ``trainable`` alone
     tx = make_tx(config, trainable)
     objective = objectives.get(config)
-    ctx = Context(model, config, mesh, objective, build_phases(model, config, tx))
+    # the first call of each compiled phase is logged: the first minutes are not silent
+    phases = console.announce_first_calls(build_phases(model, config, tx), log, PHASE_NAMES)
+    ctx = Context(model, config, mesh, objective, phases)
     state = TrainState(
         trainable=trainable,
-        opt_state=replicate(mesh, tx.init(trainable)),
+        opt_state=init_opt_state(model, tx, trainable),
         trackers=objective.trackers(config),
     )
+    if config.train.ema_decay > 0:  # the EMA starts at the initial parameters (own buffers)
+        state = state.replace(ema=jax.tree.map(jnp.copy, trainable))
+    # evaluation in the loop (config.eval): its prompts are checked before anything trains
+    evaluator = loop_evaluator(ctx, tx, trainable, workdir) if config.eval.every_epochs else None
     total = num_epochs(config)
     with Checkpointer(workdir / CHECKPOINT_DIR, config.checkpoint.max_to_keep) as ckpt:
-        restored = ckpt.restore(state.arrays())
+        try:  # verified; damaged newer checkpoints are moved to checkpoints/damaged/
+            restored = restore_arrays(ckpt, state.arrays())  # with or without an EMA
+        except NoUsableCheckpointError as err:  # all damaged: stop, keeping everything
+            raise UnusableCheckpointsError(str(err)) from err
         if restored is not None:
             _, arrays, extra = restored
             state = state.with_restored(arrays, extra)
             log.info("resumed from epoch %d in %s", state.epoch, workdir)
         writer = MetricsWriter(workdir)
-        writer.truncate_after(state.epoch)  # drop lines of epochs the checkpoint does not hold
+        # lines of epochs the checkpoint does not hold go to metrics_superseded.jsonl
+        writer.truncate_after(state.epoch)
         progress = ProgressLine(total, start_epoch=state.epoch)
         saved_epoch, preempted = state.epoch, False
         with SigtermFlag() as sigterm:
             while state.epoch < total:
-                new, scalars, finished = run_epoch(ctx, state, key, sigterm.requested)
+                # the updates donate the state's arrays; a copy is kept only while this
+                # state is the last complete epoch and not on disk (a preemption saves it)
+                keep = saved_epoch != state.epoch
+                new, scalars, finished = run_epoch(ctx, state, key, sigterm.requested, keep)
                 if not finished:  # preempted mid-epoch: keep the last complete epoch
                     preempted = True
                     break
                 state = new
+                if evaluator is not None and (
+                    state.epoch % config.eval.every_epochs == 0 or state.epoch == total
+                ):
+                    scalars.update(evaluate_in_loop(evaluator, state, writer, config))
                 writer.write_scalars(state.epoch, scalars)
                 line = progress.update(
                     state.epoch,
@@ -190,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh) -> TrainState:
                     int(scalars["trajectories"]),
                 )
                 if jax.process_index() == 0:
-                    print(line, flush=True)
+                    print("\n".join([line, *eval_lines(scalars)]), flush=True)
                 if config.log.grid_every_epochs and state.epoch % config.log.grid_every_epochs == 0:
                     write_grid(ctx, state, writer)
                 if state.epoch % config.checkpoint.every_epochs == 0 or state.epoch == total:
@@ -206,6 +256,44 @@ def run(config: ml_collections.ConfigDict, workdir, mesh) -> TrainState:
     if preempted:
         raise Preempted(state.epoch, str(workdir))
     return state
+
+
+def loop_evaluator(ctx: Context, tx, initial: dict, workdir):
+    """Return the evaluation of ``config.eval`` (``dag_jax.eval.evaluate.LoopEvaluator``)."""
+    from dag_jax.eval.evaluate import LoopEvaluator  # eval builds on train: imported on use
+
+    return LoopEvaluator(ctx.model, ctx.config, ctx.mesh, tx, initial, workdir)
+
+
+def evaluate_in_loop(evaluator, state: TrainState, writer: MetricsWriter, config) -> dict:
+    """Evaluate the state's weights (``eval.ema``: its EMA); write the compare grids; return
+    the ``eval/…`` scalars (and ``eval/seconds``)."""
+    t0 = time.time()
+    scalars, grids = evaluator(state.ema if config.eval.ema else state.trainable)
+    for split, grid in grids.items():  # base row above current row, per prompt
+        images = grid.reshape(-1, *grid.shape[2:])
+        prompts = getattr(evaluator, "splits", {}).get(split)
+        tags = ("base", "now")
+        captions = None if prompts is None else compare_captions(prompts, len(grid) // 2, tags)
+        tiled = captioned_grid(images, rows=grid.shape[0], row_captions=captions)
+        writer.write_images(state.epoch, f"eval_compare_{split}", tiled)
+    scalars["eval/seconds"] = time.time() - t0
+    return scalars
+
+
+def eval_lines(scalars: dict) -> list[str]:
+    """Return a console line per evaluated split of an epoch's scalars (none: []), e.g.
+    ``eval test | reward -1.66 → -1.33 (+0.334 ± 0.025) | pairwise 0.03 | Vendi 1.09``."""
+    splits = [k.split("/")[1] for k in scalars if k.startswith("eval/") and k.endswith("/vendi")]
+    lines = []
+    for split in splits:
+        get = lambda k, split=split: scalars[f"eval/{split}/{k}"]
+        lines.append(
+            f"eval {split} | reward {get('base_reward_mean'):.4g} → {get('reward_mean'):.4g} "
+            f"({get('reward_change'):+.3g} ± {get('reward_change_se'):.2g}) | "
+            f"pairwise {get('pairwise'):.3g} | Vendi {get('vendi'):.3g}"
+        )
+    return lines
 
 
 def replicate(mesh, tree):
@@ -230,6 +318,7 @@ def epoch_scalars(state: TrainState, data: Collected, updates: list[dict], beta,
         "epoch_seconds": float(seconds),
         "trajectories_per_s": float(data.rewards.size / max(seconds, 1e-9)),
     }
+    out.update({f"reward/{k}": float(np.mean(v)) for k, v in data.parts.items()})  # a mix's
     keys = sorted({k for u in updates for k in u})
     for k in keys:
         out[k] = float(np.mean([u[k] for u in updates if k in u]))

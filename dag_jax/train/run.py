@@ -1,6 +1,16 @@
 """Build a run from its config: model, flow, prompts, reward, trainable tree, optimizer.
 
-Shared by training, evaluation and export (``build_model``/``restore`` of a workdir)."""
+Shared by training, evaluation and export (``build_model``/``restore`` of a workdir).
+
+``train.trainable`` says what θ is. "lora" (the releases): a LoRA on the attention projections
+of a frozen UNet; the LoRA, flow and optimizer state are replicated on the mesh. "unet" (full
+fine-tuning): every UNet weight trains; the UNet params move from the frozen tree into the
+trainable one (``init_trainable``, then ``without_frozen_unet``: one copy, not two), and they,
+the flow and the AdamW moments are sharded on the mesh's "fsdp" axis as the frozen weights are
+(``Model.trainable_layout``: each leaf's largest axis that fsdp divides; leaves under
+``mesh.min_shard_size`` elements whole). The jitted steps constrain the gradient sum, the new
+params and the optimizer state to those shardings (a reduce-scatter of the gradients), and
+orbax writes and reads the checkpoint's arrays sharded."""
 
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from dag_jax.infra import parallel
 from dag_jax.models.flow import FlowConfig, FlowNetwork
 from dag_jax.models.lora import LoRAConfig, init_lora
 from dag_jax.pipeline import Pipeline
-from dag_jax.train.config import ConfigError, objective_of
+from dag_jax.train.config import ConfigError, objective_of, trains_unet
 
 log = logging.getLogger("dag_jax.train")
 
@@ -39,9 +49,15 @@ class Model:
     uncond: jax.Array  # (1, L, D) embedding of the negative prompt
     reward: rewards.Reward
     latent_shape: tuple[int, int, int]
+    # where the trainable tree and its optimizer state live (replicated; train.trainable=unet:
+    # FSDP-sharded); without a mesh (abstract benches) the steps constrain nothing
+    trainable_layout: parallel.TreeLayout = dataclasses.field(default_factory=parallel.TreeLayout)
 
     def eps_fn(self, policy, x, t, ctx):
-        """Return the adapted UNet's output; ``policy`` = {"base": unet params, "lora": …}."""
+        """Return the adapted UNet's output; ``policy`` = {"base": unet params, "lora": …}.
+
+        A full fine-tune's policy has the trained UNet as "base" and an empty "lora".
+        """
         variables = {"params": policy["base"], "lora": policy["lora"]}
         return self.pipe.unet.apply(variables, x, t, ctx).sample
 
@@ -51,7 +67,13 @@ class Model:
 
     @staticmethod
     def policy_of(frozen: dict, trainable: dict) -> dict:
-        """Return the policy params {"base": frozen UNet, "lora": trainable LoRA}."""
+        """Return the policy params {"base": frozen UNet, "lora": trainable LoRA}.
+
+        A trainable tree with a "unet" (``train.trainable=unet``): {"base": that UNet,
+        "lora": {}}; the frozen tree then holds no UNet.
+        """
+        if "unet" in trainable:
+            return {"base": trainable["unet"], "lora": {}}
         return {"base": frozen["unet"], "lora": trainable["lora"]}
 
 
@@ -87,7 +109,8 @@ def load_model(config, mesh, task: bool = True) -> Model:
     side = config.resolution or pipe.unet.config.sample_size
     latent_shape = (pipe.unet.config.in_channels, side, side)
     flow = make_flow(config, pipe.unet.config)
-    frozen = parallel.put(pipe.params, parallel.fsdp_shardings(mesh, pipe.params))
+    min_size = config.mesh.min_shard_size
+    frozen = parallel.put(pipe.params, parallel.fsdp_shardings(mesh, pipe.params, min_size))
     prompts, prompt_ids, uncond, reward = [], np.zeros((0, 1), np.int32), None, None
     if task:
         prompts = load_prompts(config)
@@ -106,7 +129,20 @@ def load_model(config, mesh, task: bool = True) -> Model:
         uncond=uncond,
         reward=reward,
         latent_shape=latent_shape,
+        trainable_layout=parallel.TreeLayout(mesh, fsdp=trains_unet(config), min_size=min_size),
     )
+
+
+def without_frozen_unet(model: Model) -> Model:
+    """Return ``model`` without its frozen UNet when the UNet is trained (``train.trainable``).
+
+    Call once ``init_trainable`` has taken it: the trainable tree then holds the only copy,
+    and the UNet's memory is not spent twice. A LoRA model is returned as it is.
+    """
+    if not model.trainable_layout.fsdp or "unet" not in model.frozen:
+        return model
+    frozen = {k: v for k, v in model.frozen.items() if k != "unet"}
+    return dataclasses.replace(model, frozen=frozen)
 
 
 def make_flow(config, unet_config) -> FlowNetwork:
@@ -131,7 +167,8 @@ def _flow_blocks(n: int) -> tuple[str, ...]:
 
 
 def load_prompts(config) -> list[str]:
-    """Return the training prompts of the config (a named set's train split, or inline)."""
+    """Return the training prompts of the config (a named set's or TFDS source's train split,
+    or inline)."""
     if config.prompts.name == "inline":
         prompts = [str(p) for p in config.prompts.inline]
         if not prompts:
@@ -139,14 +176,23 @@ def load_prompts(config) -> list[str]:
         return prompts
     from dag_jax.data import prompts as prompt_sets
 
-    root = config.prompts.root or None
-    return list(prompt_sets.load(config.prompts.name, root=root).train)
+    return list(prompt_sets.from_config(config.prompts).train)
 
 
 def init_trainable(model: Model, config, key: jax.Array) -> dict:
-    """Return the trainable tree {"lora": …, "flow": …} (flow only for DAG objectives)."""
+    """Return the trainable tree {"lora": …, "flow": …} (flow only for DAG objectives).
+
+    ``train.trainable=unet``: {"unet": the frozen UNet's params (the same arrays), …}.
+    """
     k_lora, k_flow = jax.random.split(key)
-    out = {"lora": init_lora(k_lora, model.frozen["unet"], model.lora)}
+    if "unet" not in model.frozen:
+        raise ValueError(
+            "init_trainable needs the model's frozen UNet, which without_frozen_unet removed"
+        )
+    if trains_unet(config):
+        out = {"unet": model.frozen["unet"]}
+    else:
+        out = {"lora": init_lora(k_lora, model.frozen["unet"], model.lora)}
     if objective_of(config).startswith("dag"):
         c, s = model.latent_shape[0], model.latent_shape[1]
         d = model.pipe.unet.config.cross_attention_dim
@@ -159,19 +205,39 @@ def init_trainable(model: Model, config, key: jax.Array) -> dict:
 
 
 def checkpoint_template(model: Model, config) -> dict:
-    """Return the abstract {"trainable", "opt_state"} tree of a run's checkpoints (no compute)."""
+    """Return the abstract {"trainable", "opt_state"[, "ema"]} tree of a run's checkpoints
+    (no compute; "ema" when ``train.ema_decay`` > 0)."""
 
-    def build():
-        trainable = init_trainable(model, config, jax.random.key(0))
-        return {"trainable": trainable, "opt_state": make_tx(config, trainable).init(trainable)}
+    def build(frozen):  # the frozen tree as an argument: shapes only, nothing computed
+        trainable = init_trainable(dataclasses.replace(model, frozen=frozen), config, key)
+        out = {"trainable": trainable, "opt_state": make_tx(config, trainable).init(trainable)}
+        return {**out, "ema": trainable} if config.train.ema_decay > 0 else out
 
-    return jax.eval_shape(build)
+    key = jax.random.key(0)
+    template = jax.eval_shape(build, model.frozen)
+    # with a mesh, every leaf carries its trainable_layout sharding: where a restore places
+    # it (a full fine-tune's UNet and moments sharded, as training saved them)
+    layout = model.trainable_layout
+    return template if layout.mesh is None else layout.abstract(template)
+
+
+def init_opt_state(model: Model, tx, trainable: dict):
+    """Return ``tx.init(trainable)`` laid out by ``model.trainable_layout`` (made in place)."""
+    layout = model.trainable_layout
+    if layout.mesh is None:
+        return tx.init(trainable)
+    shardings = layout.shardings(jax.eval_shape(tx.init, trainable))
+    return jax.jit(tx.init, out_shardings=shardings)(trainable)
 
 
 def make_tx(config, trainable: dict):
-    """Return AdamW with per-group clipping (LoRA and flow separately, as the DAG release)."""
+    """Return AdamW with per-group clipping (LoRA and flow separately, as the DAG release).
+
+    A full fine-tune's "unet" group takes the LoRA's settings (``train.learning_rate`` …).
+    """
     t = config.train
-    groups = {"lora": GroupConfig(t.learning_rate, t.weight_decay, t.max_grad_norm or None)}
+    policy = "unet" if "unet" in trainable else "lora"
+    groups = {policy: GroupConfig(t.learning_rate, t.weight_decay, t.max_grad_norm or None)}
     if "flow" in trainable:
         groups["flow"] = GroupConfig(
             config.train.flow_learning_rate,

@@ -1,6 +1,8 @@
 """Update windows: micro-batches of transitions, accumulated gradients, one optimizer step.
 
 Pure in the loop's sense: each function takes the ``TrainState`` and returns a new one.
+``update_window`` consumes its input state's arrays (donated to the compiled steps, see
+``phases.build_phases``); ``train_epoch`` keeps its caller's intact unless told otherwise.
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ def train_epoch(
     data: Collected,
     beta: float,
     stop: Callable[[], bool] = lambda: False,
+    *,
+    keep_input: bool = True,
 ) -> tuple[TrainState, list[dict], bool]:
     """Return (the state after the epoch's updates, per-update metrics, whether it finished).
 
     The objective cuts the epoch into windows of trajectories, one optimizer update each.
     ``stop`` is asked before every window (preemption, agreed by all processes): when it says
     stop, the state so far and ``False`` come back.
+
+    The updates donate the state's device arrays to the compiled steps. ``keep_input``
+    (default) has them work on a copy (``own_arrays``), so the caller's ``state`` stays
+    usable, e.g. as the last complete epoch should a preemption stop this one; ``False``
+    spares the copy (the trainable tree, optimizer state and EMA once more) when the caller
+    no longer needs ``state``: its arrays are deleted by the first update.
     """
     windows, dropped = ctx.objective.windows(ctx.config, state.epoch, data)
     if not windows:
         log.info("epoch %d: no window to train on (empty selection), no update", state.epoch)
+    elif keep_input:
+        state = own_arrays(state)
     out = []
     for window in windows:
         if stop():
@@ -52,6 +64,12 @@ def train_epoch(
             metrics["dropped_trajectories"] = float(dropped)
         out.append(metrics)
     return state, out, True
+
+
+def own_arrays(state: TrainState) -> TrainState:
+    """Return ``state`` with copies of its device arrays (same shardings), for steps to donate."""
+    copies = {name: jax.tree.map(jnp.copy, tree) for name, tree in state.arrays().items()}
+    return state.replace(**copies)
 
 
 def context_table(mesh, contexts: jax.Array, rows: int) -> jax.Array:
@@ -111,7 +129,11 @@ def window_rows(ctx: Context, state: TrainState, trajectories: int, steps: int):
 def update_window(
     ctx: Context, state: TrainState, data: Collected, window: np.ndarray, beta: float
 ) -> tuple[TrainState, dict]:
-    """Return (the state after one optimizer update on a window's transitions, its metrics)."""
+    """Return (the state after one optimizer update on a window's transitions, its metrics).
+
+    ``state``'s trainable tree, optimizer state and EMA are donated to ``phases.apply``: the
+    caller keeps the returned state, not those arrays.
+    """
     c, model, mesh, phases = ctx.config, ctx.model, ctx.mesh, ctx.phases
     traj = take_rows(data.traj, window)
     state_rewards = None
@@ -161,16 +183,22 @@ def update_window(
     metrics = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
     if "flow" in state.trainable and state.epoch < c.dag.flow_warmup_epochs:
         # flow warm-up: the flow (and log Z) learn the current policy's flows first
-        grad_sum = {**grad_sum, "lora": jax.tree.map(jnp.zeros_like, grad_sum["lora"])}
+        policy = "unet" if "unet" in grad_sum else "lora"  # train.trainable
+        grad_sum = {**grad_sum, policy: jax.tree.map(jnp.zeros_like, grad_sum[policy])}
         metrics["policy_frozen"] = 1.0
     finite_loss = bool(np.isfinite(metrics["loss"]))
-    trainable, opt_state, finite = phases.apply(
-        state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite_loss)
+    ema = () if state.ema is None else (state.ema,)  # the EMA moves with accepted updates only
+    trainable, opt_state, finite, ema = phases.apply(
+        state.trainable, state.opt_state, grad_sum, jnp.float32(count), jnp.bool_(finite_loss), *ema
     )
     finite = bool(finite)  # the loss and every new parameter and optimizer moment
     streak = 0 if finite else state.nonfinite_streak + 1
     state = state.replace(
-        trainable=trainable, opt_state=opt_state, updates=state.updates + 1, nonfinite_streak=streak
+        trainable=trainable,
+        opt_state=opt_state,
+        ema=ema,
+        updates=state.updates + 1,
+        nonfinite_streak=streak,
     )
     if not finite:
         what = "loss" if not finite_loss else "parameters or optimizer state"

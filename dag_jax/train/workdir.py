@@ -29,9 +29,17 @@ from etils import epath
 from jax.sharding import Mesh
 
 from dag_jax.infra import parallel
-from dag_jax.infra.checkpoint import Checkpointer
+from dag_jax.infra.checkpoint import Checkpointer, NoUsableCheckpointError
 from dag_jax.train.config import ConfigError, default_config
-from dag_jax.train.run import Model, checkpoint_template, init_trainable, load_model, make_tx
+from dag_jax.train.run import (
+    Model,
+    checkpoint_template,
+    init_trainable,
+    load_model,
+    make_tx,
+    without_frozen_unet,
+)
+from dag_jax.train.state import restore_arrays
 
 log = logging.getLogger("dag_jax.train")
 
@@ -43,6 +51,15 @@ GCS_INSTALL_HINT = "pip install 'dag_jax[gcs]'"
 
 class WorkdirAccessError(ConfigError):
     """The workdir cannot be used: its filesystem is not installed, or it cannot be written."""
+
+
+class UnusableCheckpointsError(WorkdirAccessError):
+    """The run has checkpoints, but none of those tried could be restored and verified.
+
+    Raised by training (instead of starting over) and by :func:`restore_run`, from the
+    checkpointer's ``NoUsableCheckpointError`` (``__cause__``): its message lists each
+    checkpoint tried and what was wrong with it. Nothing was moved or deleted.
+    """
 
 
 def url_scheme(path: str | os.PathLike) -> str | None:
@@ -109,6 +126,7 @@ class Run:
     trainable: dict | None = None  # the restored checkpoint's tree (None: not restored)
     step: int | None = None  # the restored checkpoint's epoch
     extra: dict = dataclasses.field(default_factory=dict)  # what the checkpoint saved beside
+    ema: bool = False  # ``trainable`` is the checkpoint's EMA (``train.ema_decay``)
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -179,6 +197,7 @@ def restore_run(
     task: bool = True,
     restore: bool = True,
     mesh: Mesh | None = None,
+    ema: bool = False,
 ) -> Run:
     """Return the run in ``workdir`` rebuilt, with checkpoint ``step`` (None: the latest) restored.
 
@@ -186,11 +205,17 @@ def restore_run(
     ``init_trainable``, ``make_tx``; the restore template is ``checkpoint_template``), so the
     restored tree matches what the run saved. ``task=False`` leaves out the prompts and the
     reward (export); ``restore=False`` restores nothing (the base model: ``initial``) and needs
-    no checkpoint; ``mesh`` defaults to ``default_mesh``. The initial and restored trees are
-    replicated on the mesh (one placement: a sampler compiles once for both). Everything is
+    no checkpoint; ``mesh`` defaults to ``default_mesh``; ``ema=True`` restores the
+    checkpoint's EMA of the trainable tree as ``trainable`` (a run with ``train.ema_decay`` >
+    0; else ValueError naming the run). The initial and restored trees are
+    laid out alike on the mesh (one placement: a sampler compiles once for both): replicated,
+    or with ``train.trainable=unet`` FSDP-sharded (the model's frozen tree then holds no
+    UNet: ``initial`` has the base one, ``trainable`` the trained one). Everything is
     checked before the model loads: raises FileNotFoundError naming the missing workdir,
     config.json, checkpoints folder or complete checkpoint (a missing ``step`` lists the
-    available ones).
+    available ones). The checkpoint is verified (``Checkpointer.restore``; read-only, so a
+    damaged one is skipped but not moved): UnusableCheckpointsError when ``step``, or with
+    ``step=None`` every checkpoint, is damaged.
     """
     workdir = workdir_path(workdir)
     if not workdir.is_dir():
@@ -198,19 +223,32 @@ def restore_run(
     config = read_run_config(workdir)
     if restore:
         checkpoint_steps(workdir, step)
+    if ema and not (restore and config.train.ema_decay > 0):
+        why = "the base model has none" if not restore else "it trained with train.ema_decay = 0"
+        raise ValueError(f"no EMA weights in {workdir}: {why}")
     mesh = default_mesh(config) if mesh is None else mesh
     model = load_model(config, mesh, task=task)
     key = jax.random.fold_in(jax.random.key(config.seed), 1 << 31)
-    initial = parallel.put(init_trainable(model, config, key), parallel.replicated(mesh))
+    template = checkpoint_template(model, config)  # shapes only; needs the frozen UNet
+    initial = model.trainable_layout.put(init_trainable(model, config, key))
+    model = without_frozen_unet(model)
     run = Run(workdir, config, mesh, model, make_tx(config, initial), initial)
     if not restore:
         return run
     directory = workdir / CHECKPOINT_DIR
     with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
-        restored = ckpt.restore(checkpoint_template(model, config), epoch=step)
+        try:
+            restored = restore_arrays(ckpt, template, epoch=step)
+        except NoUsableCheckpointError as err:
+            raise UnusableCheckpointsError(str(err)) from err
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint in {directory}")
     epoch, arrays, extra = restored
-    trainable = parallel.put(arrays["trainable"], parallel.replicated(mesh))
-    log.info("restored step %d of %s", epoch, workdir)
-    return dataclasses.replace(run, trainable=trainable, step=epoch, extra=extra)
+    if ema and "ema" not in arrays:
+        raise ValueError(
+            f"checkpoint {epoch} of {workdir} has no EMA weights (saved before train.ema_decay "
+            "was set)"
+        )
+    trainable = model.trainable_layout.put(arrays["ema" if ema else "trainable"])
+    log.info("restored step %d%s of %s", epoch, " (EMA)" if ema else "", workdir)
+    return dataclasses.replace(run, trainable=trainable, step=epoch, extra=extra, ema=ema)

@@ -5,7 +5,7 @@ A new objective is one module with an ``objective(config) -> Objective`` and one
 
 from __future__ import annotations
 
-from dag_jax.train.objectives import b2, dag_db, dag_kl, ddpo
+from dag_jax.train.objectives import b2, dag_db, dag_kl, ddpo, grpo
 from dag_jax.train.objectives.base import Objective
 
 OBJECTIVES = {
@@ -13,6 +13,7 @@ OBJECTIVES = {
     "dag_db": dag_db.objective,
     "dag_kl": dag_kl.objective,
     "b2": b2.objective,
+    "grpo": grpo.objective,
 }
 
 

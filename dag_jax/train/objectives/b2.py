@@ -14,7 +14,7 @@ import numpy as np
 from dag_jax.algos import b2
 from dag_jax.algos.stats import group_advantages
 from dag_jax.algos.transitions import release_windows
-from dag_jax.train.collect import Collected, branch_sampled
+from dag_jax.train.collect import Collected, branch_sampled_parts
 from dag_jax.train.config import step_baseline
 from dag_jax.train.objectives import dag_db, dag_kl, ddpo
 from dag_jax.train.objectives.base import Objective, shuffled_windows
@@ -35,7 +35,7 @@ def collect(ctx, state, ekey):
     length = b2.interval_length(state.epoch, c.b2.stages, c.b2.low, c.b2.high)
     p, nb = c.b2.prefixes, c.b2.branches
     prompt_idx = host_rng(c, state.epoch, 0).integers(0, len(ctx.model.prompts), p)
-    traj, r = branch_sampled(ctx, state.trainable, prompt_idx, ekey, length)
+    traj, r, parts = branch_sampled_parts(ctx, state.trainable, prompt_idx, ekey, length)
     r = r.reshape(p, nb)
     history = b2.RewardHistory(c.b2.history)
     history.load_state_dict(state.trackers["history"])
@@ -59,6 +59,7 @@ def collect(ctx, state, ekey):
         adv.reshape(-1).astype(np.float32),
         mask.reshape(-1).astype(np.float32),
         p * nb,  # every branch has its own noise keys
+        parts,
     )
     return data, state.replace(trackers={**state.trackers, "history": history.state_dict()})
 

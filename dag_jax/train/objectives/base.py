@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from dag_jax.train.collect import Collected, sample_scored, unique_count
+from dag_jax.train.collect import Collected, sample_scored_parts, unique_count
 from dag_jax.train.state import TrainState, host_rng
 
 if TYPE_CHECKING:
@@ -57,9 +57,11 @@ def sample_epoch(ctx: Context, state: TrainState, ekey: jax.Array) -> Collected:
     """Return the epoch's plainly sampled, scored trajectories (no advantages yet)."""
     c, n = ctx.config, ctx.config.sample.trajectories
     prompt_idx = draw_prompts(c, len(ctx.model.prompts), state.epoch)
-    traj, rewards = sample_scored(ctx, state.trainable, prompt_idx, ekey, c.sample.chunk)
+    traj, rewards, parts = sample_scored_parts(
+        ctx, state.trainable, prompt_idx, ekey, c.sample.chunk
+    )
     zeros, ones = np.zeros(n, np.float32), np.ones(n, np.float32)
-    return Collected(traj, prompt_idx, rewards, zeros, ones, unique_count(ekey, n))
+    return Collected(traj, prompt_idx, rewards, zeros, ones, unique_count(ekey, n), parts)
 
 
 def shuffled_windows(

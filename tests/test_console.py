@@ -1,0 +1,105 @@
+"""What the CLIs print: short log lines, the first calls of compiled code, one-line flag errors,
+evaluate's paired summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+
+from dag_jax.infra import console
+
+
+def test_short_format_names_level_and_logger_from_warning_up():
+    fmt = console.ShortFormatter()
+    info = logging.LogRecord("dag_jax.train", logging.INFO, "f", 1, "epoch %d", (3,), None)
+    warn = logging.LogRecord("orbax", logging.WARNING, "f", 1, "slow disk", (), None)
+    assert fmt.format(info).split(" ", 1)[1] == "epoch 3"
+    assert fmt.format(warn).split(" ", 1)[1] == "WARNING orbax: slow disk"
+
+
+def test_configure_keeps_libraries_at_warning_unless_verbose():
+    names = [*console.LIBRARIES, *console.QUIET_AT_DEFAULT, "dag_jax", ""]
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        console.configure(0)
+        assert logging.getLogger("orbax").level == logging.WARNING
+        assert logging.getLogger("dag_jax.infra.checkpoint").level == logging.WARNING
+        assert logging.getLogger("dag_jax.train").getEffectiveLevel() == logging.INFO
+        console.configure(1)
+        assert logging.getLogger("orbax").level == logging.INFO
+        assert logging.getLogger("dag_jax.infra.checkpoint").getEffectiveLevel() == logging.INFO
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+@dataclasses.dataclass
+class Phases:
+    sample: object
+    apply: object = None
+
+
+def test_only_the_first_call_of_each_phase_is_announced(caplog):
+    calls = []
+    phases = Phases(sample=lambda x: calls.append(x) or x * 2)
+    wrapped = console.announce_first_calls(phases, logging.getLogger("t"), {"sample": "sampler"})
+    assert wrapped.apply is None and phases.sample is not wrapped.sample
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert wrapped.sample(2) == 4 and wrapped.sample(3) == 6
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "compiling sampler …"
+    assert messages[1].startswith("sampler: compiled and ran once in ")
+    assert len(messages) == 2 and calls == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        (
+            "--config.train.epoch=3",
+            "unknown config key 'train.epoch' in --config.train.epoch=3 "
+            "(did you mean 'train.epochs'?)",
+        ),
+        (
+            "--config=configs/compressibilty.py:tiny",
+            "no config file 'configs/compressibilty.py' "
+            "(did you mean 'configs/compressibility.py'?)",
+        ),
+    ],
+)
+def test_a_bad_command_line_is_one_line_with_the_closest_name(arg, expected):
+    from dag_jax.train.__main__ import flag_error
+
+    assert flag_error(["train", arg], AttributeError("'epoch'\nDid you mean ...")) == expected
+
+
+def test_other_command_line_errors_keep_their_last_line():
+    from dag_jax.train.__main__ import flag_error
+
+    err = ValueError("Traceback:\n  File x\nValueError: algo='dpo' is not one of (…)")
+    assert flag_error(["train", "--config.algo=dpo"], err) == "algo='dpo' is not one of (…)"
+
+
+def test_the_evaluate_summary_pairs_base_and_trained():
+    from dag_jax.eval.evaluate import summary_lines
+
+    reward = {"mean": -1.5, "std": 0.3, "change": 0.25, "change_se": 0.012}
+    diversity = {"pairwise": 0.2, "vendi": 2.0}
+    result = {
+        "tag": "20",
+        "label": "ddpo",
+        "workdir": "runs/demo",
+        "splits": {
+            "train": {"rewards": {"jpeg": reward}, "diversity": diversity, "frechet_to_base": 3.0},
+            "test": {"rewards": {"jpeg": {**reward, "change": None}}, "diversity": diversity,
+                     "frechet_to_base": None},
+        },
+    }  # fmt: skip
+    lines = summary_lines(result)
+    assert lines[1] == "  jpeg: base -> trained, change ± SE (paired: same prompts and noise)"
+    assert lines[2].split() == ["train", "-1.75", "->", "-1.5", "+0.25", "±", "0.012"]
+    assert "no paired base samples" in lines[3]
+    base = {**result, "splits": {"train": {**result["splits"]["test"]}}}
+    assert summary_lines(base)[1:3] == ["  jpeg (mean ± std over images):", "    train -1.5 ± 0.3"]
