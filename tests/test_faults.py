@@ -227,6 +227,7 @@ def test_export_from_a_run_names_the_step_of_non_finite_weights(tiny, fake_run, 
 
     run = SimpleNamespace(
         step=7,
+        ema=False,
         trainable={"lora": _with(lora, math.nan)},
         model=SimpleNamespace(pipe=pipe, lora=LORA),
     )

@@ -56,7 +56,7 @@ def score_parts(
         return _score_mix(ctx, model.reward, images, prompt_idx)
     if model.reward.jittable:
         fn = scorer(model.reward, model.prompts, to_host=parallel.gather, jitted=ctx.phases.reward)
-        return fn(images, put_batch(ctx.mesh, prompt_idx))
+        return fn(images, put_batch(ctx.mesh, prompt_idx)), {}
     rows, local = parallel.local_rows(images)
     values = scorer(model.reward, model.prompts)(local, prompt_idx[rows]) if rows.size else []
     values = parallel.rows_to_global(rows, np.asarray(values, np.float32), prompt_idx.size)
