@@ -79,7 +79,7 @@ def u8(x: np.ndarray) -> np.ndarray:
 
 def tokens_of(tok, prompts) -> dict:
     """Return the reward's token table as the tokenizer's ``input_ids``/``attention_mask``."""
-    table = IR.token_table(tok, prompts)
+    table = IR.token_table(tok, prompts, IR.MAX_LENGTH)
     return {"input_ids": table[:, 0], "attention_mask": table[:, 1]}
 
 

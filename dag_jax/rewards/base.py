@@ -270,3 +270,21 @@ def scorer(
         return np.asarray(to_host(fn(reward.params, images, idx)), np.float32)
 
     return jax_score
+
+
+def token_table(tokenizer: Any, prompts: Sequence[str], length: int) -> np.ndarray:
+    """Return (P, 2, length) int32: each prompt's token ids and attention mask.
+
+    The tokenizer is called as the reward packages call it (``padding="max_length"``,
+    ``truncation=True``, ``max_length=length``; the end token kept when truncating).
+    """
+    if not prompts:
+        return np.zeros((0, 2, length), np.int32)
+    out = tokenizer(
+        list(prompts),
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_tensors="np",
+    )
+    return np.stack([out["input_ids"], out["attention_mask"]], axis=1).astype(np.int32)

@@ -74,7 +74,7 @@ import numpy as np
 
 from dag_jax.models.blip import ImageRewardModel
 from dag_jax.rewards.aesthetic import check_preprocess, device_params, parse_dtype
-from dag_jax.rewards.base import Reward, RewardError, jax_reward
+from dag_jax.rewards.base import Reward, RewardError, jax_reward, token_table
 from dag_jax.rewards.clipscore import center_crop_offsets
 from dag_jax.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_edge
 
@@ -277,20 +277,3 @@ def check_vocab(tok: Any, rows: int) -> None:
             f"(expected {rows - 2}: the {HUB_TOKENIZER} vocabulary); pass tokenizer=<folder with "
             f"the {HUB_TOKENIZER} vocab.txt>"
         )
-
-
-def token_table(tok: Any, prompts: Sequence[str], length: int = MAX_LENGTH) -> np.ndarray:
-    """Return (P, 2, length) int32: each prompt's BERT ids and attention mask, as the package.
-
-    ``padding="max_length"``, ``truncation=True``, ``max_length=length`` ([CLS] … [SEP] [PAD]…).
-    """
-    if not prompts:
-        return np.zeros((0, 2, length), np.int32)
-    out = tok(
-        list(prompts),
-        padding="max_length",
-        truncation=True,
-        max_length=length,
-        return_tensors="np",
-    )
-    return np.stack([out["input_ids"], out["attention_mask"]], axis=1).astype(np.int32)

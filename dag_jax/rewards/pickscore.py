@@ -54,7 +54,7 @@ from dag_jax.rewards.aesthetic import (
     load_clip_model,
     parse_dtype,
 )
-from dag_jax.rewards.base import Reward, RewardError, jax_reward
+from dag_jax.rewards.base import Reward, RewardError, jax_reward, token_table
 
 NAME = "pickscore"
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -208,21 +208,3 @@ def check_vocab(tokenizer: Any, rows: int) -> None:
             f"reward {NAME!r}: the tokenizer has {n} tokens but the text tower's embedding has "
             f"{rows} rows (wrong tokenizer for this checkpoint?)"
         )
-
-
-def token_table(tokenizer: Any, prompts: Sequence[str], length: int = MAX_LENGTH) -> np.ndarray:
-    """Return (P, 2, length) int32: each prompt's CLIP token ids and attention mask.
-
-    As PickScore's processor call (``truncation=True, max_length=77``: BOS … EOS, the EOS kept
-    when truncating), padded to ``length`` with the tokenizer's pad token and mask 0.
-    """
-    if not prompts:
-        return np.zeros((0, 2, length), np.int32)
-    out = tokenizer(
-        list(prompts),
-        padding="max_length",
-        truncation=True,
-        max_length=length,
-        return_tensors="np",
-    )
-    return np.stack([out["input_ids"], out["attention_mask"]], axis=1).astype(np.int32)
