@@ -29,7 +29,17 @@ def test_every_bench_resolves_to_a_function_without_importing_torch():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = proc.stdout.strip().splitlines()[-1].split(",")
-    want = ["ascent", "dbterms", "epoch", "memory", "ops", "reward", "sampler", "tinyworld", "toy2d"]
+    want = [
+        "ascent",
+        "dbterms",
+        "epoch",
+        "memory",
+        "ops",
+        "reward",
+        "sampler",
+        "tinyworld",
+        "toy2d",
+    ]
     assert names == sorted([*want, "train"])
 
 
