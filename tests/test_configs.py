@@ -177,6 +177,7 @@ def test_demo_keeps_its_measured_improvements():
     demo = configs.load("compressibility:demo")
     assert (demo.sample.group, demo.dag.baseline, demo.dag.anchor_initial_flow) == (8, "step", True)
     assert (demo.b2.baseline, demo.b2.select) == ("prefix", False)
+    assert demo.eval.every_epochs == 4  # base before training, the held-out change at the end
 
 
 @pytest.mark.parametrize(

@@ -103,3 +103,29 @@ def test_the_evaluate_summary_pairs_base_and_trained():
     assert "no paired base samples" in lines[3]
     base = {**result, "splits": {"train": {**result["splits"]["test"]}}}
     assert summary_lines(base)[1:3] == ["  jpeg (mean ± std over images):", "    train -1.5 ± 0.3"]
+
+
+def test_the_train_summary_ends_with_the_held_out_change_and_next_commands(tmp_path):
+    import json
+
+    from dag_jax.train.__main__ import summary
+
+    rows = [
+        {"epoch": 1, "reward_mean": -1.6, "trajectories_seen": 128},
+        {"epoch": 2, "reward_mean": -1.5, "trajectories_seen": 256, "eval/test/reward_mean": -1.4,
+         "eval/test/base_reward_mean": -1.66, "eval/test/reward_change": 0.26,
+         "eval/test/reward_change_se": 0.02},
+        {"epoch": 3, "reward_mean": -1.4, "trajectories_seen": 384},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = summary(str(tmp_path), 3).splitlines()
+    assert lines[0] == f"done: 3 epochs in {tmp_path}"
+    assert "-1.6 (epoch 1) -> -1.4 (epoch 3), 384 trajectories" in lines[1]
+    assert lines[2].split(":", 1)[0] == "  held-out reward (epoch 2, same noise as before training)"
+    assert lines[2].endswith("-1.66 -> -1.4, change +0.26 ± 0.02, +13.0 SE")
+    assert lines[3] == "next:"
+    commands = " ".join(lines[4:])
+    for cli in ("dag_jax.eval", "dag_jax.export", "dag_jax.sample"):
+        assert f"python -m {cli} " in commands
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # no evaluation
+    assert summary(str(tmp_path), 1).splitlines()[2] == "next:"

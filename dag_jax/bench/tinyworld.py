@@ -57,6 +57,7 @@ def demo_config(task: str, algo: str, seed: int, epochs: int = 0):
         c.train.epochs = epochs
         c.b2.stages = epochs
     c.log.grid_every_epochs = 0
+    c.eval.every_epochs = 0  # evaluate_run evaluates both splits after training
     return c
 
 

@@ -69,7 +69,8 @@ def main(argv) -> None:
 
 
 def summary(workdir: str, epochs: int) -> str:
-    """Return the lines a finished run ends with: what it did and what to run next."""
+    """Return the lines a finished run ends with: what it did, the held-out change the loop's
+    last evaluation measured (``config.eval``), and what to run next."""
     rows = read_metrics(workdir)
     lines = [f"done: {epochs} epochs in {workdir}"]
     if rows:
@@ -79,13 +80,39 @@ def summary(workdir: str, epochs: int) -> str:
             f"{last['reward_mean']:.4g} (epoch {last['epoch']}), "
             f"{last['trajectories_seen']} trajectories"
         )
+    lines += eval_summary(rows)
     lines += [
         "next:",
-        f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained",
+        f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained, both splits",
         f"  python -m dag_jax.export --workdir={workdir} --out=export/run --format=pipeline",
+        "  python -m dag_jax.sample --model=export/run --prompt=\"PROMPT\" --out=samples"
+        "   # from the export",
         f"  tensorboard --logdir={workdir}",
     ]
     return "\n".join(lines)
+
+
+def eval_summary(rows: list[dict]) -> list[str]:
+    """Return a line per split of the last evaluated epoch: base -> trained on the same noise,
+    the paired change ± its standard error over prompts, and how many SEs that is ([] when
+    the run evaluated nothing)."""
+    evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evaluated:
+        return []
+    row = evaluated[-1]
+    splits = sorted({k.split("/")[1] for k in row if k.endswith("/reward_change")})
+    lines = []
+    for split in splits:
+        get = lambda k, split=split: row.get(f"eval/{split}/{k}", float("nan"))
+        change, se = get("reward_change"), get("reward_change_se")
+        ratio = f", {change / se:+.1f} SE" if se == se and se > 0 else ""
+        name = "held-out" if split == "test" else split
+        lines.append(
+            f"  {name} reward (epoch {row['epoch']}, same noise as before training): "
+            f"{get('base_reward_mean'):.4g} -> {get('reward_mean'):.4g}, "
+            f"change {change:+.4g} ± {se:.2g}{ratio}"
+        )
+    return lines
 
 
 def parse_flags(argv: list[str]) -> list[str]:
