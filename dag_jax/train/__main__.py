@@ -83,9 +83,9 @@ def summary(workdir: str, epochs: int) -> str:
     lines += eval_summary(rows)
     lines += [
         "next:",
-        f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained, both splits",
+        f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained",
         f"  python -m dag_jax.export --workdir={workdir} --out=export/run --format=pipeline",
-        "  python -m dag_jax.sample --model=export/run --prompt=\"PROMPT\" --out=samples"
+        '  python -m dag_jax.sample --model=export/run --prompt="PROMPT" --out=samples'
         "   # from the export",
         f"  tensorboard --logdir={workdir}",
     ]
