@@ -35,6 +35,22 @@ def test_configure_keeps_libraries_at_warning_unless_verbose():
             logging.getLogger(n).setLevel(level)
 
 
+def test_the_torch_missing_notice_of_transformers_is_dropped_unless_verbose():
+    logger = logging.getLogger("transformers")
+    record = lambda msg: logging.LogRecord("transformers", logging.WARNING, "f", 1, msg, (), None)
+    notice = record("PyTorch was not found. Models won't be available and only tokenizers, …")
+    try:
+        console.configure(0)
+        assert not logger.filter(notice) and logger.filter(record("a real warning"))
+        console.configure(0)  # configuring twice keeps one filter
+        assert sum(isinstance(f, console.DropNotices) for f in logger.filters) == 1
+        console.configure(1)
+        assert logger.filter(notice)
+    finally:
+        for f in list(logger.filters):
+            logger.removeFilter(f)
+
+
 @dataclasses.dataclass
 class Phases:
     sample: object
@@ -127,5 +143,10 @@ def test_the_train_summary_ends_with_the_held_out_change_and_next_commands(tmp_p
     commands = " ".join(lines[4:])
     for cli in ("dag_jax.eval", "dag_jax.export", "dag_jax.sample"):
         assert f"python -m {cli} " in commands
+    assert '--prompt="YOUR PROMPT"' in commands  # no config.json
+    config = {"prompts": {"name": "tiny_shapes"}, "sample": {"steps": 10, "guidance": 5.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sample = [c for c in summary(str(tmp_path), 3).splitlines() if "dag_jax.sample" in c][0]
+    assert "--steps=10 --guidance=5.0" in sample and '--prompt="YOUR' not in sample
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # no evaluation
     assert summary(str(tmp_path), 1).splitlines()[2] == "next:"

@@ -3,7 +3,8 @@
 ``configure`` is called by the command-line entry points only (never by library functions): at
 absl's ``--verbosity`` 0 (the default) absl, orbax, JAX and transformers log WARNING and above,
 the project logs its INFO lines without the per-epoch checkpoint saves, JAX's backend probing
-(``Unable to initialize backend …``, "a CUDA-enabled jaxlib is not installed") is silent, and
+(``Unable to initialize backend …``, "a CUDA-enabled jaxlib is not installed") and
+transformers' "PyTorch was not found" notice (``DROPPED_AT_DEFAULT``) are silent, and
 each line is ``HH:MM:SS message`` (``HH:MM:SS WARNING logger: message`` from WARNING up).
 ``--verbosity=1`` brings every INFO line back, in absl's full format.
 
@@ -26,6 +27,20 @@ QUIET_AT_DEFAULT = {
     "jax._src.xla_bridge": logging.ERROR,
     "dag_jax.infra.checkpoint": logging.WARNING,
 }
+# notices dropped at verbosity 0, by logger: transformers' import-time advice when torch is
+# absent (the project runs without torch; torch is a test oracle only)
+DROPPED_AT_DEFAULT = {"transformers": ("PyTorch was not found",)}
+
+
+class DropNotices(logging.Filter):
+    """Drop the records of a logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 class ShortFormatter(logging.Formatter):
@@ -56,6 +71,12 @@ def configure(verbosity: int = 0) -> None:
     logging.getLogger("dag_jax").setLevel(logging.INFO)
     for name, level in QUIET_AT_DEFAULT.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+    for name, prefixes in DROPPED_AT_DEFAULT.items():
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, DropNotices)]:
+            logger.removeFilter(f)
+        if not verbose:
+            logger.addFilter(DropNotices(prefixes))
     if not verbose:
         handler = absl_logging.get_absl_handler()
         python_handler = getattr(handler, "python_handler", None)

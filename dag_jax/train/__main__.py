@@ -85,11 +85,30 @@ def summary(workdir: str, epochs: int) -> str:
         "next:",
         f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained",
         f"  python -m dag_jax.export --workdir={workdir} --out=export/run --format=pipeline",
-        '  python -m dag_jax.sample --model=export/run --prompt="PROMPT" --out=samples'
-        "   # from the export",
+        f"  python -m dag_jax.sample --model=export/run {sample_flags(workdir)} --out=samples",
         f"  tensorboard --logdir={workdir}",
     ]
     return "\n".join(lines)
+
+
+def sample_flags(workdir: str) -> str:
+    """Return ``--prompt=… --steps=… --guidance=…`` for sampling a run's export as it sampled:
+    the tiny world's first held-out caption, else a placeholder prompt."""
+    import json
+
+    from dag_jax.train.workdir import CONFIG_FILE, workdir_path
+
+    try:
+        config = json.loads((workdir_path(workdir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return '--prompt="YOUR PROMPT"'
+    prompt = "YOUR PROMPT"
+    if config.get("prompts", {}).get("name") == "tiny_shapes":
+        from dag_jax.tinyworld import shapes
+
+        prompt = shapes.captions("test")[0]
+    s = config.get("sample", {})
+    return f'--prompt="{prompt}" --steps={s.get("steps", 50)} --guidance={s.get("guidance", 7.5)}'
 
 
 def eval_summary(rows: list[dict]) -> list[str]:
