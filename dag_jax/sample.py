@@ -20,7 +20,7 @@ from absl import app, flags
 
 from dag_jax.diffusion.sampler import rollout, sample_keys
 from dag_jax.diffusion.schedule import make_schedule
-from dag_jax.infra import cpu_tuning
+from dag_jax.infra import console, cpu_tuning
 from dag_jax.pipeline import Pipeline, load_pipeline
 from dag_jax.tinyworld.random_tiny import random_tiny_pipeline
 
@@ -151,6 +151,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
+    console.configure(FLAGS.verbosity)
     cpu_tuning.apply_if_requested(FLAGS.cpu_tuning)
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.model == "random-tiny":

@@ -28,8 +28,12 @@ QUIET_AT_DEFAULT = {
     "dag_jax.infra.checkpoint": logging.WARNING,
 }
 # notices dropped at verbosity 0, by logger: transformers' import-time advice when torch is
-# absent (the project runs without torch; torch is a test oracle only)
-DROPPED_AT_DEFAULT = {"transformers": ("PyTorch was not found",)}
+# absent (the project runs without torch; torch is a test oracle only), and orbax's (through
+# absl) on opening a checkpoint folder read-only, as eval and export do on purpose
+DROPPED_AT_DEFAULT = {
+    "transformers": ("PyTorch was not found",),
+    "absl": ("Given directory is read only",),
+}
 
 
 class DropNotices(logging.Filter):

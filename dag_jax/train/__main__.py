@@ -85,7 +85,7 @@ def summary(workdir: str, epochs: int) -> str:
         "next:",
         f"  python -m dag_jax.eval --workdir={workdir} --prompts=both   # base vs trained",
         f"  python -m dag_jax.export --workdir={workdir} --out=export/run --format=pipeline",
-        f"  python -m dag_jax.sample --model=export/run {sample_flags(workdir)} --out=samples",
+        f"  python -m dag_jax.sample --model=export/run {sample_flags(workdir)} --grid_scale=2",
         f"  tensorboard --logdir={workdir}",
     ]
     return "\n".join(lines)
