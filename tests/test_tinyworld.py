@@ -218,6 +218,20 @@ def test_shipped_world_is_small_and_loads_by_name():
     assert pipe.unet.config.sample_size == 8
 
 
+def test_reconstructions_keep_the_background_and_roughly_the_image():
+    """``build.reconstruct`` (the VAE's ceiling in ``measure``) decodes what it encoded."""
+    import dag_jax
+    from dag_jax.tinyworld import build
+
+    images, _, _ = shapes.batch(5, 0, 6, "test")
+    recon = build.reconstruct(dag_jax.load_pipeline("tiny"), images, chunk=4)
+    assert recon.shape == images.shape and recon.dtype == np.uint8
+    error = np.abs(recon.astype(np.float32) - images) / 255
+    assert error.mean() < 0.06  # measured 0.038 (L1 0.076 on [-1, 1])
+    median = lambda x: np.median(x.reshape(len(x), -1, 3).astype(int), axis=1)  # the background
+    assert np.all(np.abs(median(recon) - median(images)) < 24)
+
+
 def test_shipped_unet_and_text_encoder_match_diffusers_and_transformers():
     """The shipped folders are real diffusers/transformers folders: same outputs in PyTorch."""
     import jax.numpy as jnp

@@ -180,11 +180,16 @@ def measure(sd_path: Path, clip_path: Path, seed: int, per_caption: int = 4) -> 
 
     module, params, _ = load_clip(clip_path)
     tok = pretrain.Tokenizer([], load_tokenizer(clip_path))
-    report: dict = {"zero_shot": {}, "sd_alignment": {}}
+    pipe = load_pipeline(sd_path)
+    report: dict = {"zero_shot": {}, "vae_reconstruction": {}, "sd_alignment": {}}
     for split in shapes.SPLITS:
         images, _, labels = shapes.batch(seed * 16 + 5, 0, 1000, split)
         report["zero_shot"][split] = pretrain.zero_shot(module, params, tok, images, labels)
-    pipe = load_pipeline(sd_path)
+        # the autoencoder's ceiling: what the judge still reads after encoding and decoding
+        recon = reconstruct(pipe, images)
+        acc = pretrain.zero_shot(module, params, tok, recon, labels)
+        acc["l1"] = float(np.mean(np.abs(recon.astype(np.float32) - images)) / 127.5)
+        report["vae_reconstruction"][split] = acc
     index = {c: i for i, c in enumerate(shapes.all_captions())}
     for split in shapes.SPLITS:
         captions = list(shapes.captions(split))
@@ -209,6 +214,23 @@ def measure(sd_path: Path, clip_path: Path, seed: int, per_caption: int = 4) -> 
         report["sd_alignment"][split] = acc
         report.setdefault("samples", {})[split] = (images_u8, prompts)
     return report
+
+
+def reconstruct(pipe, images_u8: np.ndarray, chunk: int = 250) -> np.ndarray:
+    """Return uint8 NHWC images decoded from the VAE posterior means of ``images_u8``."""
+    vae = pipe.vae
+
+    @jax.jit
+    def fn(p, x):
+        z = vae.apply({"params": p}, pretrain.vae_input(x), method=vae.encode).latent_dist.mean
+        y = vae.apply({"params": p}, z, method=vae.decode).sample
+        return jnp.transpose(jnp.clip(y / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
+
+    out = [
+        np.asarray(fn(pipe.params["vae"], images_u8[i : i + chunk]))
+        for i in range(0, len(images_u8), chunk)
+    ]
+    return np.rint(np.concatenate(out) * 255).astype(np.uint8)
 
 
 def clipscore(module, params, tok: pretrain.Tokenizer, images_u8, prompts) -> float:
