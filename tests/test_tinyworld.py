@@ -150,6 +150,29 @@ def test_pretraining_reuses_finished_stages(smoke_world, monkeypatch):
     )
 
 
+def test_reconstruction_loss_is_l1_by_default_and_weights_shapes_and_edges_on_request():
+    import jax.numpy as jnp
+
+    from dag_jax.tinyworld import pretrain
+
+    images, _, _ = shapes.batch(5, 0, 2, "test")
+    x = pretrain.vae_input(images)
+    blurred = (x + jnp.roll(x, 1, axis=2) + jnp.roll(x, 1, axis=3)) / 3
+    plain = pretrain.reconstruction_loss(blurred, x)
+    assert float(plain) == float(jnp.mean(jnp.abs(blurred - x)))
+    # an error on shape pixels only: foreground weighting raises it, an error on the
+    # background only: lowers it
+    corner = x[:, :, :1, :1]
+    shape = jnp.max(jnp.abs(x - corner), axis=1, keepdims=True) > 0.08
+    on_shapes, on_background = jnp.where(shape, x + 0.5, x), jnp.where(shape, x, x + 0.5)
+    for recon, grows in ((on_shapes, True), (on_background, False)):
+        weighted = pretrain.reconstruction_loss(recon, x, foreground_weight=10.0)
+        assert (weighted > pretrain.reconstruction_loss(recon, x)) == grows
+    # a constant offset has no edges; a blur has
+    assert float(pretrain.reconstruction_loss(x + 0.1, x, edge_weight=1.0)) == pytest.approx(0.1)
+    assert pretrain.reconstruction_loss(blurred, x, edge_weight=1.0) > plain
+
+
 def test_contrastive_loss_counts_identical_captions_as_positives():
     import jax.numpy as jnp
 

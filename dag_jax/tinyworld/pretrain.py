@@ -5,7 +5,8 @@ Stages, each a pure function of (recipe, what earlier stages produced):
 1. ``train_tokenizer``: a byte-level BPE on the training captions (``bpe.py``).
 2. ``train_clip``: a two-tower CLIP, contrastive (InfoNCE with every identical caption in the
    batch counted as a positive).
-3. ``train_vae``: an AutoencoderKL, L1 reconstruction + a small KL (SD's 1e-6 per image sum),
+3. ``train_vae``: an AutoencoderKL, L1 reconstruction (optionally foreground-weighted, plus an
+   edge term: ``reconstruction_loss``) + a small KL (SD's 1e-6 per image sum),
    decoding a posterior sample; its ``scaling_factor`` is then set to 1 / std of the latents.
 4. ``train_unet``: an ε-prediction UNet on SD's noise schedule, conditioned on the frozen CLIP
    text tower's last hidden state, captions dropped 10 % of the time (for classifier-free
@@ -69,6 +70,11 @@ class Recipe:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # the reconstruction term (``reconstruction_loss``); 0, 0: plain L1, the shipped weights.
+    # 10, 1 measured on the shipped budget: the judge reads colour 0.73 → 1.00, count 0.66 → 0.79
+    # and kind 0.51 → 0.55 from reconstructions (BENCHMARKS.md, "The tiny world")
+    vae_foreground_weight: float = 0.0  # shape pixels count 1 + this many times
+    vae_edge_weight: float = 0.0  # weight of an L1 on horizontal and vertical differences
     unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -346,7 +352,10 @@ def train_vae(recipe: Recipe) -> tuple[dict, dict]:
             post = module.apply({"params": p}, x, method=module.encode).latent_dist
             recon = module.apply({"params": p}, post.sample(key), method=module.decode).sample
             rec = jnp.mean(jnp.abs(recon - x))
-            return rec + recipe.vae_kl_weight * jnp.mean(post.kl()) / x[0].size, rec
+            loss = reconstruction_loss(
+                recon, x, recipe.vae_foreground_weight, recipe.vae_edge_weight
+            )
+            return loss + recipe.vae_kl_weight * jnp.mean(post.kl()) / x[0].size, rec
 
         (_, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt = tx.update(grads, opt, params)
@@ -363,6 +372,33 @@ def train_vae(recipe: Recipe) -> tuple[dict, dict]:
     means = encode_means(module, params, images)
     config["scaling_factor"] = round(float(1.0 / np.std(means)), 5)
     return config, params
+
+
+def reconstruction_loss(
+    recon: jax.Array, x: jax.Array, foreground_weight: float = 0.0, edge_weight: float = 0.0
+) -> jax.Array:
+    """Return the VAE's reconstruction term of NCHW images in [-1, 1].
+
+    Plain L1 when both weights are 0. ``foreground_weight`` w: an L1 weighted 1 + w on shape
+    pixels (any channel more than 0.08 from the image's corner pixel, always background in
+    ``shapes``), normalised by the mean weight, so small shapes are not averaged away by
+    the background. ``edge_weight``: plus that times the L1 of the vertical and horizontal
+    pixel differences, which a blurred edge or a rounded corner pays for.
+    """
+    error = jnp.abs(recon - x)
+    if foreground_weight:
+        corner = x[:, :, :1, :1]
+        shape = jnp.max(jnp.abs(x - corner), axis=1, keepdims=True) > 0.08
+        weight = 1.0 + foreground_weight * shape.astype(x.dtype)
+        loss = jnp.mean(weight * error) / jnp.mean(weight)
+    else:
+        loss = jnp.mean(error)
+    if edge_weight:
+        dy = lambda a: a[:, :, 1:, :] - a[:, :, :-1, :]
+        dx = lambda a: a[:, :, :, 1:] - a[:, :, :, :-1]
+        edges = jnp.mean(jnp.abs(dy(recon) - dy(x))) + jnp.mean(jnp.abs(dx(recon) - dx(x)))
+        loss = loss + edge_weight * edges
+    return loss
 
 
 def encode_means(module: AutoencoderKL, params, images: np.ndarray, chunk: int = 256) -> np.ndarray:
