@@ -31,6 +31,7 @@ setup(
         "huggingface_hub>=0.23",
         "pillow>=10.0",
         "numpy>=1.26",
+        "scipy>=1.11",  # tinyworld.shapes.read (connected components)
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],

@@ -56,6 +56,22 @@ def test_images_show_their_caption():
         assert blobs == p["count"], caption
 
 
+def test_geometry_reads_kind_and_count_of_rendered_scenes_and_not_of_blobs():
+    images, _, labels = shapes.batch(5, 0, 200, "test")
+    kinds, counts = shapes.read(images)
+    np.testing.assert_array_equal(kinds, labels["kind"])
+    np.testing.assert_array_equal(counts, labels["count"])
+    # the same scenes drawn as round blobs read as circles, at the same counts
+    import dataclasses
+
+    scenes = [shapes.example(5, i, "test")[1] for i in range(40)]
+    blobs = np.stack([shapes.render(dataclasses.replace(s, kind="circle")) for s in scenes])
+    blob_kinds, blob_counts = shapes.read(blobs)
+    assert blob_kinds.tolist() == [0] * 40
+    assert blob_counts.tolist() == [s.count for s in scenes]
+    assert shapes.read(np.full((1, 64, 64, 3), 128, np.uint8))[1].tolist() == [0]
+
+
 def test_captions_parse_back():
     for caption in shapes.all_captions():
         p = shapes.parse(caption)
@@ -171,6 +187,71 @@ def test_reconstruction_loss_is_l1_by_default_and_weights_shapes_and_edges_on_re
     # a constant offset has no edges; a blur has
     assert float(pretrain.reconstruction_loss(x + 0.1, x, edge_weight=1.0)) == pytest.approx(0.1)
     assert pretrain.reconstruction_loss(blurred, x, edge_weight=1.0) > plain
+
+
+def test_perceptual_loss_is_zero_on_the_image_and_grows_with_blur():
+    import jax.numpy as jnp
+
+    from dag_jax.tinyworld import pretrain
+    from dag_jax.tinyworld.assets import TINY_CLIP
+    from dag_jax.weights.clip_loader import load_clip
+
+    _, params, config = load_clip(TINY_CLIP)
+    features = pretrain.perceptual_features(config, params)
+    images, _, _ = shapes.batch(5, 0, 2, "test")
+    x = pretrain.vae_input(images)
+    assert len(features(x)) == config["vision_config"]["num_hidden_layers"] + 1
+    assert float(pretrain.perceptual_loss(features, x, x)) == pytest.approx(0.0, abs=1e-6)
+    blur = lambda a: (a + jnp.roll(a, 1, axis=2) + jnp.roll(a, 1, axis=3)) / 3
+    small, large = (pretrain.perceptual_loss(features, y, x) for y in (blur(x), blur(blur(x))))
+    assert 0 < float(small) < float(large)
+    with pytest.raises(ValueError, match="needs the judge"):
+        pretrain.train_vae(pretrain.Recipe(vae_steps=1, vae_perceptual_weight=0.3))
+
+
+def test_the_4x_vae_trains_with_every_term_and_its_unet_takes_16x16_latents():
+    import jax
+    import jax.numpy as jnp
+
+    from dag_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from dag_jax.tinyworld import pretrain
+    from dag_jax.tinyworld.assets import TINY_CLIP
+    from dag_jax.weights.clip_loader import load_clip
+
+    _, params, config = load_clip(TINY_CLIP)
+    recipe = pretrain.Recipe(
+        vae_steps=2, vae_batch=2, vae_down=4, vae_foreground_weight=10.0, vae_edge_weight=1.0,
+        vae_perceptual_weight=0.3, log_every=1,
+    )  # fmt: skip
+    vae_config, vae_params = pretrain.train_vae(recipe, (config, params))
+    assert len(vae_config["block_out_channels"]) == 3 and vae_config["scaling_factor"] > 0
+    from dag_jax.models.vae import AutoencoderKL, VAEConfig
+
+    module = AutoencoderKL(VAEConfig.from_dict(vae_config))
+    images, _, _ = shapes.batch(5, 0, 2, "test")
+    assert pretrain.encode_means(module, vae_params, images).shape == (2, 4, 16, 16)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(models.unet_config(16)))
+    x, ctx = jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, models.TOKEN_LENGTH, models.HIDDEN))
+    out = unet.init_with_output(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), ctx)[0]
+    assert out.sample.shape == x.shape
+    with pytest.raises(ValueError, match="8× or 4×"):
+        pretrain.Recipe(vae_down=2)
+
+
+def test_recipe_overrides_take_the_field_types_and_name_bad_items():
+    from dag_jax.tinyworld.pretrain import Recipe
+
+    r = Recipe().override(["vae_down=4", "vae_perceptual_weight=0.3", " vae_steps = 10"])
+    assert (r.vae_down, r.vae_perceptual_weight, r.vae_steps) == (4, 0.3, 10)
+    assert Recipe().override([]) == Recipe()
+    with pytest.raises(ValueError, match="did you mean 'vae_steps'"):
+        Recipe().override(["vae_step=10"])
+    with pytest.raises(ValueError, match="expected type int"):
+        Recipe().override(["vae_steps=1e3"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        Recipe().override(["vae_steps"])
+    with pytest.raises(ValueError, match="8× or 4×"):
+        Recipe().override(["vae_down=2"])
 
 
 def test_contrastive_loss_counts_identical_captions_as_positives():

@@ -2,12 +2,13 @@
 
     python -m dag_jax.tinyworld --workdir=runs/pretrain_tiny --out=dag_jax/tinyworld/assets
 
-Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, VAE, UNet, judge; about
+Runs the stages of ``dag_jax.tinyworld.pretrain`` (tokenizer, CLIP, judge, VAE, UNet; about
 an hour on 2 CPU cores), then writes ``<out>/tiny_clip`` (the judge: a transformers CLIPModel
 folder with its tokenizer) and ``<out>/tiny_sd`` (a diffusers StableDiffusionPipeline folder
 whose text encoder is stage 2's CLIP text tower), and measures them (``report.json`` in the
-workdir): the judge's zero-shot accuracy on fresh images of both splits and the SD's prompt
-alignment judged by it. Finished stages are kept in the workdir and
+workdir): the judge's zero-shot accuracy on fresh images of both splits, on the VAE's
+reconstructions of them, and the SD's prompt alignment judged by it; kind and count are also
+read by geometry (``shapes.read``). Finished stages are kept in the workdir and
 reused when the command is run again (``--restart`` retrains everything).
 
 ``--data=tiny_shapes/scenes --data_dir=DIR`` trains every stage on that prepared TFDS dataset
@@ -103,10 +104,18 @@ def build_world(work: Path, recipe: pretrain.Recipe, restart: bool = False) -> d
     clip_config, clip_params = _clip_stage(
         work, "clip", lambda: pretrain.train_clip(recipe, tok), tok, restart
     )
+    # the judge before the VAE: the VAE's perceptual term reads its image tower
+    judge = _clip_stage(
+        work,
+        "judge",
+        lambda: pretrain.train_judge(recipe, tok, clip_config, clip_params),
+        tok,
+        restart,
+    )
     vae_config, vae_params = _part_stage(
         work,
         "vae",
-        lambda: pretrain.train_vae(recipe),
+        lambda: pretrain.train_vae(recipe, judge),
         lambda c: AutoencoderKL(VAEConfig.from_dict(c)),
         restart,
     )
@@ -125,13 +134,6 @@ def build_world(work: Path, recipe: pretrain.Recipe, restart: bool = False) -> d
         "unet",
         lambda: pretrain.train_unet(recipe, tok, encode, (vae_module, vae_params, vae_config)),
         lambda c: UNet2DConditionModel(UNetConfig.from_dict(c)),
-        restart,
-    )
-    judge = _clip_stage(
-        work,
-        "judge",
-        lambda: pretrain.train_judge(recipe, tok, clip_config, clip_params),
-        tok,
         restart,
     )
     log.info("all stages ready after %.0fs", time.time() - t0)
@@ -188,6 +190,7 @@ def measure(sd_path: Path, clip_path: Path, seed: int, per_caption: int = 4) -> 
         # the autoencoder's ceiling: what the judge still reads after encoding and decoding
         recon = reconstruct(pipe, images)
         acc = pretrain.zero_shot(module, params, tok, recon, labels)
+        acc.update(geometry(recon, labels))
         acc["l1"] = float(np.mean(np.abs(recon.astype(np.float32) - images)) / 127.5)
         report["vae_reconstruction"][split] = acc
     index = {c: i for i, c in enumerate(shapes.all_captions())}
@@ -210,10 +213,21 @@ def measure(sd_path: Path, clip_path: Path, seed: int, per_caption: int = 4) -> 
             "count": np.array([p["count"] for p in parsed]),
         }
         acc = pretrain.zero_shot(module, params, tok, images_u8, labels)
+        acc.update(geometry(images_u8, labels))
         acc["clipscore"] = clipscore(module, params, tok, images_u8, prompts)
         report["sd_alignment"][split] = acc
         report.setdefault("samples", {})[split] = (images_u8, prompts)
     return report
+
+
+def geometry(images_u8: np.ndarray, labels: dict) -> dict:
+    """Return the kind and count accuracy of images read by geometry (``shapes.read``), a
+    reading the judge's features cannot sway (the VAE trains on them)."""
+    kinds, counts = shapes.read(images_u8)
+    return {
+        "geometry_kind": float(np.mean(kinds == labels["kind"])),
+        "geometry_count": float(np.mean(counts == labels["count"])),
+    }
 
 
 def reconstruct(pipe, images_u8: np.ndarray, chunk: int = 250) -> np.ndarray:
@@ -269,6 +283,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "seed of every stage")
     flags.DEFINE_float("scale", 1.0, "multiply every stage's steps (tests use tiny values)")
+    flags.DEFINE_list(
+        "recipe",
+        [],
+        "overrides of pretrain.Recipe, key=value,… (e.g. vae_down=4,vae_perceptual_weight=0.3); "
+        "finished stages in --workdir are reused, so use a fresh workdir or --restart",
+    )
     flags.DEFINE_bool("restart", False, "retrain every stage even if the workdir has it")
     flags.DEFINE_bool("measure", True, "measure the written world (report.json, grid)")
     flags.DEFINE_string(
@@ -289,7 +309,11 @@ def main(argv) -> None:
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cpu_tuning.apply_if_requested(f.cpu_tuning)
-    recipe = pretrain.Recipe(seed=f.seed, data=f.data, data_dir=f.data_dir).scaled(f.scale)
+    try:
+        recipe = pretrain.Recipe(seed=f.seed, data=f.data, data_dir=f.data_dir)
+        recipe = recipe.override(f.recipe).scaled(f.scale)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     log.info("recipe %s on %s", dataclasses.asdict(recipe), jax.devices()[0].platform)
     work, out = Path(f.workdir), Path(f.out)
     t0 = time.time()
