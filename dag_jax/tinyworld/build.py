@@ -308,12 +308,12 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cpu_tuning.apply_if_requested(f.cpu_tuning)
     try:
         recipe = pretrain.Recipe(seed=f.seed, data=f.data, data_dir=f.data_dir)
         recipe = recipe.override(f.recipe).scaled(f.scale)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    cpu_tuning.apply_if_requested(f.cpu_tuning)
     log.info("recipe %s on %s", dataclasses.asdict(recipe), jax.devices()[0].platform)
     work, out = Path(f.workdir), Path(f.out)
     t0 = time.time()
