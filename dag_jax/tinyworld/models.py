@@ -1,9 +1,10 @@
 """The tiny world's model shapes, in diffusers / transformers ``config.json`` form.
 
 Sizes are chosen so that the whole world pretrains in about an hour on 2 CPU cores and ships in
-well under 30 MB, while keeping every architectural feature of SD1.x: a KL autoencoder with an
-8× downsampling (64-px images ↔ 4×8×8 latents), a UNet with cross-attention down/up blocks and
-a CLIP text encoder whose last hidden state conditions it. The SD text encoder is the text tower
+well under 30 MB, while keeping every architectural feature of SD1.x: a KL autoencoder with 4
+latent channels (shipped: 4× down, 64-px images ↔ 4×16×16 latents, ``vae_config(4)``; SD's 8×,
+``VAE_CONFIG``, drew every shape as a blob), a UNet with cross-attention down/up blocks
+(``unet_config``) and a CLIP text encoder whose last hidden state conditions it. The SD text encoder is the text tower
 of the stage-2 CLIP, as SD1.x's is OpenAI CLIP's; the shipped ``tiny_clip`` (the judge) has the
 same shapes, trained further (``pretrain.train_judge``).
 """
