@@ -4,9 +4,9 @@ Sizes are chosen so that the whole world pretrains in about an hour on 2 CPU cor
 well under 30 MB, while keeping every architectural feature of SD1.x: a KL autoencoder with 4
 latent channels (shipped: 4× down, 64-px images ↔ 4×16×16 latents, ``vae_config(4)``; SD's 8×,
 ``VAE_CONFIG``, drew every shape as a blob), a UNet with cross-attention down/up blocks
-(``unet_config``) and a CLIP text encoder whose last hidden state conditions it. The SD text encoder is the text tower
-of the stage-2 CLIP, as SD1.x's is OpenAI CLIP's; the shipped ``tiny_clip`` (the judge) has the
-same shapes, trained further (``pretrain.train_judge``).
+(``unet_config``) and a CLIP text encoder whose last hidden state conditions it. The SD text
+encoder is the text tower of the stage-2 CLIP, as SD1.x's is OpenAI CLIP's; the shipped
+``tiny_clip`` (the judge) has the same shapes, trained further (``pretrain.train_judge``).
 """
 
 from __future__ import annotations
