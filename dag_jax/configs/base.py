@@ -253,7 +253,7 @@ def release(c: ml_collections.ConfigDict, algo: str, task: str) -> ml_collection
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Return ``c`` scaled down to the built-in tiny world on a CPU (same math, ~1 minute).
 
-    The model is the shipped tiny SD (64-px images, 8×8 latents) and the prompts its captions
+    The model is the shipped tiny SD (64-px images, 16×16 latents) and the prompts its captions
     (``tiny_shapes``). JPEG rewards stay; every other reward becomes ``tiny_clipscore``, the
     tiny world's prompt alignment (the real reward models need weights a CPU run lacks); a
     ``mix`` keeps its part names and weights, its non-JPEG parts becoming ``tiny_clipscore``.

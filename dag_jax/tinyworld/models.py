@@ -17,7 +17,8 @@ IMAGE_SIZE = 64
 TOKEN_LENGTH = 16  # captions are ≤ 9 tokens with BOS/EOS
 HIDDEN = 64
 
-# SD1's shapes as diffusers' tiny test model (``random_tiny``), resized for 8×8 latents
+# SD1's shapes as diffusers' tiny test model (``random_tiny``), resized for 8×8 latents (the first
+# world's UNet; ``unet_config(16)`` is the shipped one)
 UNET_CONFIG = dict(
     tiny.UNET_CONFIG,
     sample_size=8,
