@@ -125,8 +125,11 @@ def test_two_processes_train_like_one_and_agree_on_preemption(tmp_path):
     # one process scored every row (8 per chunk); each of two processes scored its half
     assert call_sizes(tmp_path, "one") == [[8, 8]]
     assert call_sizes(tmp_path, "two") == [[4, 4], [4, 4]]
+    # the layouts reduce in other orders: after 2 epochs of Adam, elements differ by up to
+    # 1.3e-6 (measured, AMD EPYC); a real difference in data or gradients moves them by a
+    # fraction of a step (lr 3e-4), far above 5e-6
     for name, tree in two[0]["lora"].items():
-        np.testing.assert_allclose(tree, one["lora"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(tree, one["lora"][name], rtol=1e-4, atol=5e-6, err_msg=name)
 
     # SIGTERM to process 1 during the first window of epoch 1: both stop before the next one
     stopped = run(tmp_path, "resumed", 2, 4, SIGTERM_AT="1:1:3")
