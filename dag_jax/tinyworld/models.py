@@ -1,6 +1,6 @@
 """The tiny world's model shapes, in diffusers / transformers ``config.json`` form.
 
-Sizes are chosen so that the whole world pretrains in about an hour on 2 CPU cores and ships in
+Sizes are chosen so that the whole world pretrains in about two hours on 2 CPU cores and ships in
 well under 30 MB, while keeping every architectural feature of SD1.x: a KL autoencoder with 4
 latent channels (shipped: 4× down, 64-px images ↔ 4×16×16 latents, ``vae_config(4)``; SD's 8×,
 ``VAE_CONFIG``, drew every shape as a blob), a UNet with cross-attention down/up blocks
