@@ -185,8 +185,10 @@ def measure(sd_path: Path, clip_path: Path, seed: int, per_caption: int = 4) -> 
     pipe = load_pipeline(sd_path)
     report: dict = {"zero_shot": {}, "vae_reconstruction": {}, "sd_alignment": {}}
     for split in shapes.SPLITS:
-        images, _, labels = shapes.batch(seed * 16 + 5, 0, 1000, split)
+        images, captions, labels = shapes.batch(seed * 16 + 5, 0, 1000, split)
         report["zero_shot"][split] = pretrain.zero_shot(module, params, tok, images, labels)
+        # tiny_clipscore's ceiling: what the judge gives real scenes of their own captions
+        report["zero_shot"][split]["clipscore"] = clipscore(module, params, tok, images, captions)
         # the autoencoder's ceiling: what the judge still reads after encoding and decoding
         recon = reconstruct(pipe, images)
         acc = pretrain.zero_shot(module, params, tok, recon, labels)
