@@ -12,12 +12,12 @@ world to ``tiny_clipscore`` (the judge's cosine of image and caption) on its cap
 ~1 min, :demo 5–11 min on 2 CPU cores. On the first tiny world the held-out score rose a little
 with DDPO, DAG-DB and DAG-KL, and with B² once its branches part early (``b2.low`` = 9). On the
 world shipped since 2026-12-07 it does not rise: its base model already scores 0.83 of real
-scenes' 0.89, and at 256 trajectories no step size of the policy gradient gains (BENCHMARKS.md,
-"Alignment with the judge", "Policy-gradient line search"). :demo here steps at lr 1e-3, not
-compressibility's 5e-3, and scales DDPO's and B²'s group baselines by one pooled std
-(``ddpo.group_scale`` = "pooled"): the paired line search (same section) found a step at lr
-1e-2 costing alignment more than it gains, and two batches' gradients nearly orthogonal, so
-steps must be small; and groups whose samples the judge scores alike would otherwise get
+scenes' 0.89, and with batches of 256 or 1024 no step size of the policy gradient gains
+(BENCHMARKS.md, "Alignment with the judge", "Policy-gradient line search"). :demo here steps
+at lr 1e-3, not compressibility's 5e-3, and scales DDPO's and B²'s group baselines by one pooled
+std (``ddpo.group_scale`` = "pooled"): the paired line search on the first world found a step
+at lr 1e-2 costing alignment more than it gains, and two batches' gradients nearly orthogonal,
+so steps must be small; and groups whose samples the judge scores alike would otherwise get
 unit-size advantages of pure noise.
 """
 
