@@ -309,13 +309,14 @@ def tiny_mix_parts(options) -> dict:
 
 
 def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Return the tiny world at a size where the reward measurably rises (7–11 min, 2 cores).
+    """Return the tiny world at a size where the reward measurably rises (4–8 min, 2 cores).
 
     It turns on the project's measured improvements (see their comments in ``get_config``):
     ``sample.group`` = 8 (shared x_T), ``dag.baseline`` = "step", the anchored initial flow,
     ``b2.baseline`` = "prefix" and ``b2.select`` = False. 128 trajectories make one update per
     epoch (the PPO ratio is 1, so the tight clip range costs nothing), at a learning rate the
-    paired line search put near the best step (BENCHMARKS.md, "Demo runs"). β stays 100.
+    paired line search put near the best step (BENCHMARKS.md, "Policy-gradient line search").
+    β stays 100.
     GRPO: groups of 8 sharing x_T, as ``sample.group``, with Flow-GRPO's KL coefficient 0.04
     (without the KL it would be DDPO's demo exactly). The loop evaluates the 45 held-out
     captions × 4 seeds on fixed noise before training, every 4 epochs and at the end
